@@ -1,0 +1,387 @@
+"""The nanokor decoder: a Llama-style transformer in one file.
+
+Read top to bottom: config, RMSNorm, rotary embedding, attention (flash-attn / SDPA / math),
+SwiGLU MLP, block, model, KV cache. Module and parameter names follow Hugging Face's
+`LlamaForCausalLM` exactly, so exporting is a key rename (`embed_tokens` -> `model.embed_tokens`)
+and `transformers` can serve as the reference implementation in tests. No training code lives
+here: the model is a plain `nn.Module` that knows nothing about DDP, DeepSpeed or optimizers.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # flash-attn is optional (CUDA only); SDPA is the fallback everywhere.
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+POSITION_ENCODINGS = ("rope", "sinusoidal")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0  # 0 means n_head (plain multi-head attention); fewer gives GQA
+    d_model: int = 768
+    d_ff: int = 3072
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    attention: str = "auto"  # auto | flash | sdpa | math
+    position: str = "rope"  # rope | sinusoidal (the classic absolute baseline, for ablations)
+    gradient_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        problems = []
+        if self.d_model % self.n_head:
+            problems.append(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        elif (self.d_model // self.n_head) % 2:
+            problems.append("the head dimension d_model / n_head must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.attention not in ATTENTION_BACKENDS:
+            problems.append(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.position not in POSITION_ENCODINGS:
+            problems.append(f"position must be one of {POSITION_ENCODINGS}, got {self.position!r}")
+        if self.attention == "flash" and flash_attn_func is None:
+            problems.append("attention='flash' needs the flash-attn package (pip install -e '.[flash]' on a "
+                            "CUDA machine); use attention='auto' or 'sdpa' to fall back to PyTorch's SDPA")
+        if problems:
+            raise ValueError("Invalid model config: " + "; ".join(problems) + ".")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale; computed in fp32 like Llama for bf16 stability."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the common fp32 path needs no casts
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in Llama's rotate-half layout (frequencies repeated)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (B, T, H, D) by position; cos/sin are (T, D)."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
+    """The original Transformer's absolute encoding: sin on even, cos on odd dimensions."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    pe = torch.zeros(max_len, dim)
+    pe[:, 0::2] = torch.sin(pos * inv_freq)
+    pe[:, 1::2] = torch.cos(pos * inv_freq)
+    return pe
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: prefill once, then one token a step.
+
+    Stored as (n_layer, B, n_kv_head, max_len, head_dim), the layout SDPA reads without copies.
+    `pos` counts the tokens already cached; the model advances it after each forward.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, n_kv_head, T, D) keys/values at `pos`; return everything cached so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean mask (q_len, kv_len), True where attention is allowed; queries are the last q_len keys."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= q_pos
+
+
+def math_attention(q, k, v, dropout_p: float = 0.0):
+    """The readable reference: softmax(q k^T / sqrt(d) + causal mask) v. Returns output and weights."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return F.dropout(weights, dropout_p) @ v, weights
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.backend = config.attention
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if self._use_flash(q, kv_cache, need_weights):
+            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # (B, T, H, D), GQA native
+            return self.o_proj(y.reshape(B, T, -1)), None
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        weights = None
+        if self.backend == "math" or need_weights:
+            y, weights = math_attention(q, k, v, dropout_p)
+        elif q.size(2) == k.size(2):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # decoding against a cache: SDPA's is_causal aligns top-left, so pass the mask
+            mask = None if q.size(2) == 1 else causal_mask(q.size(2), k.size(2), q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), weights
+
+    def _use_flash(self, q, kv_cache, need_weights) -> bool:
+        return (self.backend in ("auto", "flash") and flash_attn_func is not None and q.is_cuda
+                and q.dtype in (torch.float16, torch.bfloat16) and kv_cache is None and not need_weights)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Share each key/value head across n_head / n_kv_head query heads (grouped-query attention)."""
+        n_rep = self.n_head // self.n_kv_head
+        if n_rep == 1:
+            return x
+        B, H, T, D = x.shape
+        return x[:, :, None].expand(B, H, n_rep, T, D).reshape(B, H * n_rep, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, need_weights=False):
+        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer, need_weights)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x, weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.dropout = nn.Dropout(config.dropout)
+        # Position tables are derived from the config, so they are not saved in the state dict.
+        if config.position == "rope":
+            cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.register_buffer("abs_pos", sinusoidal_positions(config.max_seq_len, config.d_model),
+                                 persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Normal(0, init_std) everywhere; residual output projections shrunk by 1/sqrt(2 * n_layer)
+        so the residual stream's variance does not grow with depth (GPT-2 / nanoGPT)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None,
+                label_smoothing: float = 0.0, reduction: str = "mean"):
+        """Logits (B, T, vocab) and, with targets, the cross-entropy (ignore_index=-1).
+
+        reduction='none' returns per-token losses of shape (B, T), which bits per byte needs.
+        With a kv_cache, idx continues the cached sequence and the cache advances by T.
+        """
+        x = self._hidden_states(idx, kv_cache)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, label_smoothing=label_smoothing, reduction=reduction)
+        return logits, loss.view(targets.shape) if reduction == "none" else loss
+
+    def _hidden_states(self, idx, kv_cache=None, attention_maps: list | None = None):
+        T = idx.size(1)
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"Sequence of {start + T} tokens exceeds the model's max_seq_len "
+                             f"({self.config.max_seq_len}); shorten the input or the generation length.")
+        x = self.embed_tokens(idx)
+        cos = sin = None
+        if self.config.position == "rope":
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:
+            x = x + self.abs_pos[start:start + T].to(x.dtype)
+        x = self.dropout(x)
+        need_weights = attention_maps is not None
+        for i, block in enumerate(self.layers):
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, w = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, w = block(x, cos, sin, kv_cache, i, need_weights)
+            if need_weights:
+                attention_maps.append(w)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.norm(x)
+
+    @torch.no_grad()
+    def attention_maps(self, idx) -> list[torch.Tensor]:
+        """Per-layer attention weights (B, n_head, T, T) for inspection, computed by the math backend."""
+        maps = []
+        self._hidden_states(idx, attention_maps=maps)
+        return maps
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Unique parameters (a tied LM head is counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls (N counts every matmul weight, the LM head
+        included even when tied, but not the embedding lookup) plus 12 * L * d * T for attention
+        scores and values (PaLM appendix B; the causal half is not discounted)."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        n_matmul = self.num_params(include_embedding=False)
+        if c.tie_embeddings:
+            n_matmul += self.lm_head.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.d_model * T
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices; leave norms and embeddings alone (decaying a lookup table only shrinks rare
+        tokens). A tied LM head shares the embedding's group."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+
+# Dense (no sparsity) peak TFLOP/s by device-name pattern: (bf16/fp16 tensor cores, fp32 non-tensor).
+# Vendor datasheet figures; first matching pattern wins, so more specific names come first.
+PEAK_TFLOPS = (
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100 NVL", (835.0, 60.0)),
+    ("H100", (989.0, 67.0)),
+    ("H200", (989.0, 67.0)),
+    ("A100", (312.0, 19.5)),
+    ("L4", (121.0, 30.3)),
+    ("4090", (165.2, 82.6)),
+)
+
+
+def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """Datasheet peak FLOP/s of a known GPU for this dtype, or None (CPUs, unknown cards)."""
+    for pattern, (half, single) in PEAK_TFLOPS:
+        if pattern in device_name:
+            return (half if dtype in (torch.bfloat16, torch.float16) else single) * 1e12
+    return None
+
+
+def estimate_mfu(flops_per_token: float, tokens_per_second: float, device_name: str,
+                 dtype: torch.dtype, n_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the devices' peak, None when the peak is unknown."""
+    peak = peak_flops(device_name, dtype)
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * n_devices)
