@@ -1,0 +1,215 @@
+"""Turn a Korean corpus into what training reads: a tokenizer and validated token shards.
+
+    python prepare.py --dataset sample                                   # embedded sample, seconds
+    python prepare.py --data-files 'corpus/*.parquet'                    # local parquet/jsonl/txt
+    python prepare.py --subset tiny-textbooks --max-bytes 2G             # maywell/korean_textbooks
+
+Output (default data/<name>/): tokenizer.model, token_bytes.npy, train_000000.bin …, val_000000.bin …,
+meta.json. The directory is built as <out>.partial and renamed when complete.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+import nanokor
+from nanokor.corpus import DataError, normalize, open_corpus
+from nanokor.shards import doc_key, encode_to_shards, split_of, write_meta
+from nanokor.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
+
+# The embedded sample has ~100 documents: 1% would leave validation with one or two of them.
+DEFAULT_VAL_FRACTION = {"sample": 0.10}
+DEFAULT_VAL_FRACTION_OTHER = 0.01
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2G', '1.5e6', '1048576' -> bytes (K/M/G/T are powers of 1000)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 500M or 2G")
+    return int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2).lower() or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("source")
+    src.add_argument("--dataset", choices=["hf", "sample"], default="hf",
+                     help="hf: stream maywell/korean_textbooks from the Hugging Face Hub (default); "
+                          "sample: the Korean sample shipped in nanokor/data/sample")
+    src.add_argument("--subset", default="all",
+                     help="hf subsets, comma-separated (e.g. tiny-textbooks,claude_evol), or 'all' (default)")
+    src.add_argument("--data-files", nargs="+", metavar="GLOB",
+                     help="local .parquet/.jsonl/.txt files (globs; quote them); overrides --dataset")
+    src.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
+    src.add_argument("--max-docs", type=int, help="stop after this many documents")
+    src.add_argument("--max-bytes", type=parse_size, help="stop after this much raw text (e.g. 2G)")
+    tok = p.add_argument_group("tokenizer")
+    tok.add_argument("--tokenizer", metavar="PATH", help="reuse this SentencePiece .model instead of training one")
+    tok.add_argument("--vocab-size", type=int,
+                     help=f"default {DEFAULT_VOCAB}, capped for small corpora at one piece per 40 bytes of "
+                          "tokenizer-training text (multiple of 256); at most 65535 (uint16 shards)")
+    tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok.add_argument("--tokenizer-sample-bytes", type=parse_size, default=parse_size("50M"),
+                     help="train the tokenizer on the first this-many bytes of clean training documents (50M)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="output directory (default data/<name>, e.g. data/sample)")
+    out.add_argument("--val-fraction", type=float,
+                     help="share of documents for validation, chosen by content hash "
+                          f"(default {DEFAULT_VAL_FRACTION_OTHER}; 0.1 for the small sample)")
+    out.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
+                   help="tokenizer worker processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed for tokenizer training")
+    return p
+
+
+def tokenizer_sample(corpus, max_bytes: int, val_fraction: float) -> list[str]:
+    """The first `max_bytes` of clean, distinct training documents; validation documents are left out
+    so that compression measured on them is honest."""
+    docs, seen, total = [], set(), 0
+    for raw in corpus.documents():
+        text = normalize(raw)
+        utf8 = text.encode("utf-8")
+        key = doc_key(utf8)
+        if not text.strip() or key in seen or split_of(key, val_fraction) == "val":
+            continue
+        seen.add(key)
+        docs.append(text)
+        total += len(utf8)
+        if total >= max_bytes:
+            break
+    if not docs:
+        raise DataError("No training text to fit a tokenizer on: the source produced no non-empty documents "
+                        "outside the validation split. Check --data-files/--text-column, or lower --val-fraction.")
+    return docs
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> Path:
+    """Refuse to clobber, and return the staging directory the run writes into."""
+    if out.exists():
+        if not overwrite:
+            raise DataError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
+        if not (out / "meta.json").is_file():
+            raise DataError(f"{out} exists but is not a prepared data directory (no meta.json); refusing to "
+                            "delete it with --overwrite. Remove it yourself or choose another --out.")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    staging.mkdir(parents=True)
+    return staging
+
+
+def run(args, argv: list[str]) -> dict:
+    corpus = open_corpus(args.dataset, subsets=args.subset, data_files=args.data_files,
+                         text_column=args.text_column, max_docs=args.max_docs, max_bytes=args.max_bytes)
+    out = args.out or Path("data") / corpus.name
+    val_fraction = args.val_fraction
+    if val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION.get(corpus.info["source"], DEFAULT_VAL_FRACTION_OTHER)
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.01.")
+    if args.tokenizer and args.vocab_size:
+        raise DataError("--vocab-size applies when training a tokenizer; --tokenizer reuses one. Pass one of them.")
+    staging = prepare_output_dir(out, args.overwrite)
+    num_proc = max(1, args.num_proc)
+
+    if args.tokenizer:
+        try:
+            tokenizer = Tokenizer.load(args.tokenizer)
+        except OSError as e:
+            raise DataError(f"Cannot read --tokenizer {args.tokenizer}: {e.strerror}.") from None
+        tokenizer_info = {"reused": str(args.tokenizer)}
+    else:
+        t0 = time.time()
+        sample = tokenizer_sample(corpus, args.tokenizer_sample_bytes, val_fraction)
+        sample_bytes = sum(len(d.encode("utf-8")) for d in sample)
+        print(f"training a {args.model_type} tokenizer on {len(sample):,} documents ({sample_bytes / 1e6:.1f} MB)")
+        tokenizer = train_tokenizer(sample, vocab_size=args.vocab_size, model_type=args.model_type,
+                                    num_threads=num_proc, seed=args.seed)
+        if args.vocab_size is None and tokenizer.vocab_size < DEFAULT_VOCAB:
+            print(f"vocab size {tokenizer.vocab_size:,}: capped from {DEFAULT_VOCAB:,} for a small corpus "
+                  f"(one piece per 40 bytes of training text; --vocab-size to choose)")
+        tokenizer_info = {"model_type": args.model_type, "trained_on_documents": len(sample),
+                          "trained_on_bytes": sample_bytes, "seconds": round(time.time() - t0, 2)}
+        del sample
+    tokenizer.save(staging)
+
+    t0 = time.time()
+    with tqdm(total=args.max_bytes, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
+        n_tokens = 0
+
+        def progress(n_bytes: int, tokens: int) -> None:
+            nonlocal n_tokens
+            n_tokens += tokens
+            bar.update(n_bytes)
+            bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+
+        result = encode_to_shards(corpus.documents(), tokenizer, staging, val_fraction=val_fraction,
+                                  shard_tokens=args.shard_tokens, num_proc=num_proc, progress=progress)
+    seconds = time.time() - t0
+    splits = result["splits"]
+    if splits["train"]["documents"] == 0:
+        raise DataError("No training documents were written (every document was empty, duplicate or in "
+                        "validation). Check the source, --text-column and --val-fraction.")
+    held_out = "val" if splits["val"]["documents"] else "train"
+    s = splits[held_out]
+    text_tokens = s["tokens"] - 2 * s["documents"]  # without the <s> </s> framing
+    meta = {
+        "nanokor_version": nanokor.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "prepare.py", *argv]),
+        "corpus": {**corpus.info, "max_docs": args.max_docs, "max_bytes": args.max_bytes},
+        "val_fraction": val_fraction,
+        "cleaning": {**result["cleaning"], **corpus.counts},
+        "splits": splits,
+        "tokenizer": {"file": "tokenizer.model", "token_bytes": "token_bytes.npy", "sha256": tokenizer.sha256,
+                      "vocab_size": tokenizer.vocab_size, **tokenizer_info},
+        "compression": {"split": held_out, "bytes_per_token": s["bytes"] / text_tokens,
+                        "hangul_per_token": s["hangul"] / text_tokens},
+        "document_framing": "<s> text </s>",
+        "encode_seconds": round(seconds, 2),
+        "shards": result["shards"],
+    }
+    write_meta(staging, meta)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    report(out, meta, seconds)
+    return meta
+
+
+def report(out: Path, meta: dict, seconds: float) -> None:
+    total_bytes = sum(s["bytes"] for s in meta["splits"].values())
+    for name, s in meta["splits"].items():
+        print(f"{name:>5}: {s['documents']:>10,} docs {s['bytes'] / 1e6:>10.1f} MB {s['tokens']:>13,} tokens "
+              f"in {len(meta['shards'][name])} shard(s)")
+    cleaning = ", ".join(f"{k} {v:,}" for k, v in sorted(meta["cleaning"].items())) or "nothing to clean"
+    print(f"cleaning: {cleaning}")
+    c = meta["compression"]
+    print(f"compression on {c['split']}: {c['hangul_per_token']:.2f} Hangul chars/token, "
+          f"{c['bytes_per_token']:.2f} bytes/token (vocab {meta['tokenizer']['vocab_size']:,})")
+    print(f"encoded {total_bytes / 1e6:.1f} MB in {seconds:.1f} s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) "
+          f"-> {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except DataError as e:
+        print(f"prepare.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
