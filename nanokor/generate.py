@@ -17,6 +17,48 @@ import re
 import torch
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else CPU. A bad or unavailable name is a ValueError whose message
+    the command-line tools pass to argparse's error (usage + message, exit code 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on GPUs that support it (half the memory traffic per token), else float32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
+class PromptError(Exception):
+    """A prompt that cannot be generated from: unreadable, empty after tokenization, or too long."""
+
+
+def encode_prompt(tokenizer, text: str | None) -> list[int]:
+    """BOS followed by the tokens of `text` (None: BOS alone, i.e. unconditional sampling).
+
+    Training documents start with BOS, so a prompt does too: the model then sees the same kind of
+    context it learned from, and an empty prompt is still a valid one-token context.
+    """
+    ids = [] if text is None else tokenizer.encode(text)
+    if text is not None and not ids:
+        raise PromptError(f"The prompt {text!r} tokenizes to nothing, so there is no text to continue. Pass a "
+                          "prompt with some text, or omit --prompt/--prompt-file to sample unconditionally.")
+    return [tokenizer.bos_id, *ids]
+
+
 def _check_args(model, prompt_len: int, max_new_tokens: int, temperature, top_k, top_p, repetition_penalty):
     problems = []
     if max_new_tokens < 1:

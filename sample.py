@@ -1,0 +1,132 @@
+"""Generate Korean text from a checkpoint, streamed token by token.
+
+    python sample.py --ckpt out/last.pt
+    python sample.py --ckpt out/last.pt --prompt "한국의 역사는" --max-new-tokens 200 --top-p 0.9
+    echo "옛날 옛적에" | python sample.py --ckpt out/last.pt --prompt-file -
+
+The checkpoint carries the model config and the tokenizer, so nothing else is needed. Without a
+prompt the model starts from BOS alone (unconditional sampling). Progress and notes go to stderr,
+the text to stdout.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
+from nanokor.corpus import DataError
+from nanokor.generate import (DTYPES, PromptError, StreamDecoder, encode_prompt, generate, resolve_device,
+                              resolve_dtype)
+
+
+def _number(kind, low, high=None, low_open=False, text=""):
+    """An argparse type: a number in [low, high] (or (low, high] with low_open), with a readable error."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
+        if (v <= low if low_open else v < low) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{s} is out of range: {text}")
+        return v
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", default="out/last.pt", help="checkpoint written by train.py (default: out/last.pt)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue (default: none, sample from BOS)")
+    src.add_argument("--prompt-file", help="UTF-8 file holding the prompt, '-' for stdin (trailing newlines dropped)")
+    p.add_argument("--max-new-tokens", type=_number(int, 1, text="need at least 1"), default=200)
+    p.add_argument("--temperature", type=_number(float, 0, text="need >= 0 (0 = greedy)"), default=0.8)
+    p.add_argument("--top-k", type=_number(int, 1, text="need a positive integer"), default=None)
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True, text="need 0 < p <= 1"), default=None)
+    p.add_argument("--repetition-penalty", type=_number(float, 0, low_open=True, text="need > 0 (1 = off)"),
+                   default=1.0)
+    p.add_argument("--num-samples", type=_number(int, 1, text="need at least 1"), default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto = bfloat16 on GPUs that support it, else float32")
+    args = p.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    args.dtype = resolve_dtype(args.dtype, args.device)
+    return args
+
+
+def read_prompt(args) -> str | None:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is None:
+        return None
+    name = "stdin" if args.prompt_file == "-" else args.prompt_file
+    try:
+        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else open(args.prompt_file, "rb").read()
+    except OSError as e:
+        raise PromptError(f"Cannot read the prompt file {name}: {e.strerror}. Check the path given to "
+                          "--prompt-file.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"The prompt in {name} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}). Korean text saved by older tools is often CP949/EUC-KR; convert it "
+                          f"with `iconv -f cp949 -t utf-8 {name} > prompt.txt` and pass that file.") from None
+    return text.removeprefix("\ufeff").rstrip("\n")
+
+
+def fit_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """The number of tokens to generate so prompt + generation fits the model's context."""
+    if prompt_len >= max_seq_len:
+        raise PromptError(f"The prompt is {prompt_len} tokens (with BOS), but the model's context is "
+                          f"{max_seq_len} tokens, leaving no room to generate. Shorten the prompt to at most "
+                          f"{max_seq_len - 2} tokens.")
+    room = max_seq_len - prompt_len
+    if max_new_tokens > room:
+        print(f"note: generating {room} tokens instead of --max-new-tokens {max_new_tokens}: the prompt "
+              f"({prompt_len} tokens) plus the generation must fit the model's context of {max_seq_len}.",
+              file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        model = build_model(ckpt).to(args.device, args.dtype)
+        tokenizer = build_tokenizer(ckpt)
+        text = read_prompt(args)
+        ids = encode_prompt(tokenizer, text)
+        max_new = fit_length(len(ids), args.max_new_tokens, model.config.max_seq_len)
+    except (CheckpointError, PromptError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    idx = torch.tensor([ids], device=args.device)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if i:
+            out.write("\n" + "-" * 40 + "\n")
+        stream = StreamDecoder(tokenizer, strip_leading_space=text is None)
+        out.write(text or "")
+        tokens = generate(model, idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
+                          generator=generator)
+        for token in tokens:
+            out.write(stream.push(token.item()))
+            out.flush()
+        out.write(stream.flush() + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
