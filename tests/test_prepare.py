@@ -1,0 +1,156 @@
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanokor import shards
+from nanokor.corpus import SAMPLE_DIR, DataError
+from nanokor.loader import TrainLoader
+from nanokor.shards import read_meta, read_shard, shard_paths
+from nanokor.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("prepare", REPO / "prepare.py")
+prepare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare)
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def decoded_documents(data_dir: Path, split: str) -> list[str]:
+    """Split a split's token stream on the <s> … </s> framing and decode each document."""
+    tok = Tokenizer.load(data_dir / "tokenizer.model")
+    tokens = np.concatenate([read_shard(p, tokenizer_sha=tok.sha256) for p in shard_paths(data_dir, split)])
+    bos, eos = np.flatnonzero(tokens == tok.bos_id), np.flatnonzero(tokens == tok.eos_id)
+    assert len(bos) == len(eos) and np.all(bos < eos) and np.all(eos[:-1] < bos[1:])
+    assert bos[0] == 0 and eos[-1] == len(tokens) - 1
+    return [tok.decode(tokens[b + 1:e]) for b, e in zip(bos, eos)]
+
+
+def test_sample_shards_decode_back_to_the_sample_text(sample_data_dir):
+    expected = Counter(d.strip("\n") for p in sorted(SAMPLE_DIR.glob("*.txt"))
+                       for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip())
+    train, val = decoded_documents(sample_data_dir, "train"), decoded_documents(sample_data_dir, "val")
+    assert Counter(train + val) == Counter(set(expected))  # every distinct document once
+    assert not set(train) & set(val) and len(val) > 0
+
+
+def test_sample_meta_counts_agree_with_the_shards(sample_data_dir):
+    meta = read_meta(sample_data_dir)
+    model = (sample_data_dir / "tokenizer.model").read_bytes()
+    assert meta["tokenizer"]["sha256"] == hashlib.sha256(model).hexdigest()
+    assert meta["tokenizer"]["vocab_size"] == Tokenizer.from_bytes(model).vocab_size < 32000
+    assert meta["command"].startswith("python prepare.py --dataset sample")
+    assert meta["corpus"]["source"] == "sample" and meta["val_fraction"] == 0.1
+    for split in ("train", "val"):
+        docs = decoded_documents(sample_data_dir, split)
+        s = meta["splits"][split]
+        assert s["documents"] == len(docs)
+        assert s["bytes"] == sum(len(d.encode()) for d in docs)
+        assert s["characters"] == sum(map(len, docs))
+        assert s["tokens"] == sum(read_shard(p).size for p in shard_paths(sample_data_dir, split))
+    val = meta["splits"]["val"]
+    c = meta["compression"]
+    assert c["split"] == "val"
+    assert c["bytes_per_token"] == pytest.approx(val["bytes"] / (val["tokens"] - 2 * val["documents"]))
+    assert c["hangul_per_token"] == pytest.approx(val["hangul"] / (val["tokens"] - 2 * val["documents"]))
+
+
+def _mixed_files(root: Path) -> list[str]:
+    root.mkdir()
+    docs = [f"{i}번 문서: 한국어 텍스트와 English, 숫자 {i * 37}." for i in range(300)]
+    pq.write_table(pa.table({"text": docs[:150] + [docs[0], ""]}), root / "part1.parquet")
+    with open(root / "part2.jsonl", "w", encoding="utf-8") as f:
+        for d in docs[150:250]:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"text": unicodedata.normalize("NFD", "분해된 한글 문서")}, ensure_ascii=False) + "\n")
+    txt = "\n\n".join(docs[250:]).encode() + b"\n\n\xff\xfe \xec\xa0\x9c\xec\x96\xb4\x01 \xeb\xac\xb8\xec\x9e\xa5\n"
+    (root / "part3.txt").write_bytes(txt)
+    return docs + ["분해된 한글 문서", "\ufffd\ufffd 제어 문장"]
+
+
+def test_local_files_end_to_end_and_split_stability(tmp_path):
+    expected = _mixed_files(tmp_path / "corpus")
+    out = tmp_path / "out"
+    proc = cli("--data-files", tmp_path / "corpus/*.parquet", tmp_path / "corpus/*.jsonl", tmp_path / "corpus/*.txt",
+               "--out", out, "--val-fraction", "0.2", "--vocab-size", "320", "--num-proc", "2")
+    assert proc.returncode == 0, proc.stderr
+    meta = read_meta(out)
+    assert meta["cleaning"] == {"duplicates": 1, "empty": 1, "nfc_changed": 1, "control_chars_stripped": 1,
+                                "invalid_utf8_docs": 1}
+    train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
+    assert Counter(train + val) == Counter(expected) and not set(train) & set(val)
+    assert 0.1 < len(val) / len(expected) < 0.3
+    # Same documents read in another order, another file layout: every document keeps its split.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again/all.txt").write_text("\n\n".join(reversed(train + val)), encoding="utf-8")
+    again = tmp_path / "out2"
+    assert cli("--data-files", tmp_path / "again/all.txt", "--out", again, "--val-fraction", "0.2",
+               "--tokenizer", out / "tokenizer.model").returncode == 0
+    assert set(decoded_documents(again, "val")) == set(val)
+    assert read_meta(again)["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
+
+
+def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path):
+    out = tmp_path / "copy"
+    args = ["--data-files", SAMPLE_DIR / "history.txt", "--out", out, "--tokenizer",
+            sample_data_dir / "tokenizer.model", "--num-proc", "1"]
+    assert cli(*args).returncode == 0
+    proc = cli(*args)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli(*args, "--overwrite").returncode == 0
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious/notes.txt").write_text("mine")
+    proc = cli(*args[:3], "--out", tmp_path / "precious", "--overwrite")
+    assert proc.returncode == 2 and (tmp_path / "precious/notes.txt").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data-files", "no/such/*.parquet"], "matches no files"),
+    (["--dataset", "sample", "--vocab-size", "70000"], "65535"),
+    (["--dataset", "sample", "--vocab-size", "60000"], "--vocab-size"),
+    (["--dataset", "sample", "--tokenizer", "missing.model"], "--tokenizer"),
+])
+def test_bad_input_is_one_clear_paragraph(args, words, tmp_path):
+    proc = cli(*args, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and words in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_run_leaves_no_complete_looking_output(sample_data_dir, tmp_path, monkeypatch):
+    renames = []
+
+    def crash_on_second_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    real_replace = shards.os.replace
+    monkeypatch.setattr(shards.os, "replace", crash_on_second_rename)
+    out = tmp_path / "out"
+    argv = ["--dataset", "sample", "--out", str(out), "--tokenizer", str(sample_data_dir / "tokenizer.model"),
+            "--shard-tokens", "10000", "--num-proc", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(argv)
+    partial = tmp_path / "out.partial"
+    assert not out.exists() and not (partial / "meta.json").exists()
+    assert (partial / "train_000000.bin").exists() and (partial / "train_000001.bin.tmp").exists()
+    with pytest.raises(DataError, match="no meta.json"):
+        TrainLoader(partial, 16, 2)
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    assert prepare.main(argv) == 0  # a rerun clears the leftovers
+    assert not partial.exists() and (out / "meta.json").exists()
