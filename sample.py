@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     for i in range(args.num_samples):
         if i:
             out.write("\n" + "-" * 40 + "\n")
-        stream = StreamDecoder(tokenizer, strip_leading_space=text is None)
+        stream = StreamDecoder(tokenizer)
         out.write(text or "")
         tokens = generate(model, idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,

@@ -172,22 +172,15 @@ class StreamDecoder:
     Each id maps to its UTF-8 bytes (SentencePiece's "▁" is a space, `<0xNN>` a raw byte, control ids
     nothing), and an incremental UTF-8 decoder holds back a partial character, so a Hangul syllable
     split over byte-fallback pieces appears whole, never as U+FFFD. Bytes that can never form a
-    character still become U+FFFD, as in tokenizer.decode. The pieces of a continuation keep their
-    leading space (it separates them from the prompt); pass strip_leading_space=True to drop the
-    very first one as SentencePiece does when decoding a whole text.
+    character still become U+FFFD, as in tokenizer.decode, whose text the pieces add up to.
     """
 
-    def __init__(self, tokenizer, strip_leading_space: bool = False):
+    def __init__(self, tokenizer):
         self._bytes = token_byte_strings(tokenizer)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip = strip_leading_space
 
     def push(self, token_id: int) -> str:
-        text = self._utf8.decode(self._bytes[token_id])
-        if self._strip and text:
-            self._strip = False
-            text = text.removeprefix(" ")
-        return text
+        return self._utf8.decode(self._bytes[token_id])
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character becomes U+FFFD)."""
