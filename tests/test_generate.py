@@ -1,0 +1,211 @@
+"""generate() and StreamDecoder against independent references: full forwards without a cache,
+transformers' logit processors, hand-computed nuclei and the distributions sampling must follow."""
+
+import math
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from nanokor.generate import (PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt, generate,
+                              sample_next)
+from nanokor.model import ModelConfig, Transformer
+from nanokor.tokenizer import Tokenizer
+
+from tiny_checkpoint import tiny_model
+
+VOCAB = 301
+BYTE_FALLBACK_KOREAN = "뷁 똠얌꿍을 먹었다. 햏햏 쀍!"  # syllables the sample tokenizer has no piece for
+
+
+def reference_greedy(model, idx, steps, penalty=1.0):
+    """Greedy decoding by re-running the whole sequence every step (no KV cache), with the
+    repetition penalty applied by transformers' own processor."""
+    processor = RepetitionPenaltyLogitsProcessor(penalty) if penalty != 1.0 else None
+    seq = idx
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(seq)[0][:, -1]
+            if processor:
+                logits = processor(seq, logits)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq[:, idx.size(1):]
+
+
+def run(model, idx, steps, **kw):
+    return torch.stack(list(generate(model, idx, steps, **kw)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sample_data_dir):
+    return Tokenizer.load(sample_data_dir / "tokenizer.model")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_greedy_equals_argmax_of_full_forward(attention):
+    model = tiny_model(VOCAB, attention=attention)
+    idx = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
+    out = run(model, idx, 40, temperature=0)
+    assert torch.equal(out, reference_greedy(model, idx, 40))
+    assert len(set(out[0].tolist())) > 5  # the tiny model's greedy output is not one repeated token
+
+
+def test_prefills_once_then_feeds_one_token_per_step(model):
+    lengths = []
+    hook = model.embed_tokens.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+    try:
+        run(model, torch.zeros(2, 9, dtype=torch.long), 6, temperature=0)
+    finally:
+        hook.remove()
+    assert lengths == [9, 1, 1, 1, 1, 1]  # the last token is yielded, never fed
+
+
+def test_repetition_penalty_matches_the_formula_and_transformers():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0]])
+    seen = torch.tensor([[True, True, False, True, False]])
+    expected = torch.tensor([[2.0 / 1.5, -1.5, 0.5, -4.5, 0.0]])  # positives / p, negatives * p
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.5), expected)
+    reference = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([[0, 1, 3, 3]]), logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.5), reference)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_greedy_with_repetition_penalty_matches_transformers_processor(model, penalty):
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    out = run(model, idx, 30, temperature=0, repetition_penalty=penalty)
+    assert torch.equal(out, reference_greedy(model, idx, 30, penalty))
+    assert not torch.equal(out, reference_greedy(model, idx, 30))  # the penalty changed something
+
+
+def draws(logits, n=4000, **kw):
+    g = torch.Generator().manual_seed(0)
+    return sample_next(logits.expand(n, -1), generator=g, **kw)
+
+
+def test_top_k_never_samples_outside_the_top_k():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    top5 = set(logits[0].topk(5).indices.tolist())
+    got = draws(logits, top_k=5, temperature=2.0)
+    assert set(got.tolist()) == top5  # all five appear at a high temperature, nothing else does
+
+
+def test_top_p_samples_the_hand_computed_nucleus_with_renormalized_probabilities():
+    probs = torch.tensor([0.05, 0.5, 0.1, 0.2, 0.15])
+    # Sorted: 0.5, 0.2, 0.15 | 0.1, 0.05. Mass before 0.15 is 0.7 < 0.8, before 0.1 it is 0.85 >= 0.8.
+    nucleus = {1: 0.5 / 0.85, 3: 0.2 / 0.85, 4: 0.15 / 0.85}
+    got = draws(probs.log()[None], n=20000, top_p=0.8)
+    assert set(got.tolist()) == set(nucleus)
+    for token, p in nucleus.items():
+        assert abs((got == token).float().mean().item() - p) < 0.015
+
+
+def test_top_p_keeps_the_most_likely_token_even_when_it_alone_exceeds_p():
+    got = draws(torch.tensor([[0.0, 5.0, 1.0]]), n=500, top_p=0.1)
+    assert set(got.tolist()) == {1}
+
+
+def test_top_k_then_top_p_compose():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    # top_k=3 renormalizes to 0.444, 0.333, 0.222; top_p=0.7 keeps the first two (0.444 < 0.7 <= 0.778).
+    got = draws(probs.log()[None], n=4000, top_k=3, top_p=0.7)
+    assert set(got.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    expected = torch.softmax(logits[0] / temperature, -1)
+    n = 40000
+    freq = torch.bincount(draws(logits, n=n, temperature=temperature), minlength=4).float() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() < 5 * sigma).all(), (freq, expected)
+
+
+def test_temperature_zero_is_argmax_and_ignores_filters():
+    logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sample_next(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
+
+
+def test_seeded_generator_reproduces_and_different_seeds_differ(model):
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    a, b, c = (run(model, idx, 30, top_k=50, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_rows_that_hit_eos_keep_yielding_eos_and_generation_stops_when_all_have(model):
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = run(model, idx, 30, temperature=0)
+    eos = free[0, 3].item()  # row 0 emits it at step 3 (and maybe row 1 later, or never)
+    out = run(model, idx, 30, temperature=0, eos_id=eos)
+    assert torch.equal(out[0, :4], free[0, :4]) and (out[0, 4:] == eos).all()
+    hits = (free[1] == eos).nonzero()
+    last_row1 = hits[0].item() if len(hits) else 29
+    assert out.size(1) == max(3, last_row1) + 1  # stopped as soon as both rows had finished
+    assert torch.equal(out[1, :last_row1 + 1], free[1, :last_row1 + 1])
+
+
+def test_prompt_plus_generation_beyond_max_seq_len_is_a_clear_error(model):
+    idx = torch.zeros(1, 100, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"100 tokens plus max_new_tokens=29 exceeds .* max_seq_len \(128\).*at most 28"):
+        next(generate(model, idx, 29))
+    assert len(run(model, idx, 28, temperature=0)[0]) == 28  # exactly filling the context is fine
+
+
+def test_restores_training_mode_and_records_no_graph():
+    model = tiny_model(VOCAB, dropout=0.5).train()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    tokens = list(generate(model, idx, 5, temperature=0))
+    assert model.training and not any(t.requires_grad for t in tokens)
+    # dropout was off while generating: greedy output is deterministic and equals eval mode's
+    assert torch.equal(torch.stack(tokens, 1), run(model.eval(), idx, 5, temperature=0))
+
+
+def test_generates_under_bf16_autocast_with_a_bf16_cache(model):
+    idx = torch.zeros(2, 6, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, idx, 8, top_k=20, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 8)
+
+
+def test_stream_decoder_never_emits_a_broken_syllable(tokenizer):
+    ids = tokenizer.encode(BYTE_FALLBACK_KOREAN)
+    pieces = [tokenizer.id_to_piece(i) for i in ids]
+    assert sum(p.startswith("<0x") for p in pieces) >= 9  # the test really exercises byte fallback
+    stream = StreamDecoder(tokenizer)
+    chunks = [stream.push(i) for i in ids]
+    assert not any("\ufffd" in c for c in chunks)
+    assert "".join(chunks) + stream.flush() == BYTE_FALLBACK_KOREAN == tokenizer.decode(ids)
+    # the three bytes of 뷁 arrive as three pieces; the syllable appears whole with the third
+    assert pieces[:3] == ["<0xEB>", "<0xB7>", "<0x81>"] and chunks[:3] == ["", "", "뷁"]
+
+
+def test_stream_decoder_matches_tokenizer_decode_on_the_sample(tokenizer, sample_data_dir):
+    text = "한국어는 교착어이다.\n 두 칸  띄어쓰기, 숫자 2024년, 漢字 龘 그리고 emoji 😀 끝"
+    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    stream = StreamDecoder(tokenizer)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tokenizer.decode(ids) == text
+
+
+def test_stream_decoder_replaces_bytes_that_can_never_form_a_character(tokenizer):
+    byte = {tokenizer.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
+    ids = [byte["<0xEB>"], *tokenizer.encode("가")]  # a lead byte followed by a new character
+    stream = StreamDecoder(tokenizer)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tokenizer.decode(ids) == "\ufffd가"
+
+
+def test_encode_prompt_starts_with_bos_and_rejects_text_that_tokenizes_to_nothing(tokenizer):
+    assert encode_prompt(tokenizer, None) == [tokenizer.bos_id]
+    assert encode_prompt(tokenizer, "한국") == [tokenizer.bos_id, *tokenizer.encode("한국")]
+    with pytest.raises(PromptError, match="tokenizes to nothing"):
+        encode_prompt(tokenizer, "")
+
+
+def test_invalid_arguments_are_one_clear_error(model):
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"temperature must be >= 0.*top_p must be in \(0, 1\]"):
+        next(generate(model, idx, 5, temperature=-1, top_p=1.5))
