@@ -1,0 +1,127 @@
+"""The exported directory in transformers (offline): same logits, same token ids, same greedy tokens."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nanokor.checkpoint import build_model, load_checkpoint
+from nanokor.corpus import open_corpus
+from nanokor.export import hf_tokenizer_json, main
+from nanokor.generate import generate
+from nanokor.tokenizer import Tokenizer, train_tokenizer
+
+from tiny_checkpoint import make_checkpoint
+
+KOREAN = ("세종대왕은 1443년에 훈민정음을 창제하였다. 백성을 가르치는 바른 소리라는 뜻이다.\n"
+          "  두 칸 띄어쓰기와 漢字, 드문 글자 뷁 똠얌꿍, emoji 😀 도 빠짐없이 토큰이 된다.")
+EDGE_CASES = ["", " ", "\n", "\n가", " 가", "가\n 나", "\t탭", "１２３ ＡＢＣ", "ㄱㄴㄷ 한ㄱ글", "<s>가</s>", "a  b   c"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sample_data_dir):
+    return Tokenizer.load(sample_data_dir / "tokenizer.model")
+
+
+def export_dir(tmp_path_factory, tokenizer, name, *extra_args, **overrides):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp(name) / "last.pt", tokenizer, **overrides)
+    out = ckpt.parent / "hf"
+    assert main(["--ckpt", str(ckpt), "--out", str(out), *extra_args]) == 0
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    return export_dir(tmp_path_factory, tokenizer, "untied")
+
+
+@pytest.fixture(scope="module")
+def exported_tied_mqa(tmp_path_factory, tokenizer):
+    return export_dir(tmp_path_factory, tokenizer, "tied", tie_embeddings=True, n_kv_head=1, rope_theta=5e5,
+                      norm_eps=1e-6)
+
+
+def load_pair(ckpt, out):
+    return build_model(load_checkpoint(ckpt)), AutoModelForCausalLM.from_pretrained(out).eval()
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_tied_mqa"])
+def test_transformers_logits_equal_nanokor_on_korean_text(which, request, tokenizer):
+    ckpt, out = request.getfixturevalue(which)
+    model, hf = load_pair(ckpt, out)
+    assert hf.config.num_key_value_heads == model.config.n_kv_head
+    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+    assert hf.config.rms_norm_eps == model.config.norm_eps
+    assert hf.config.rope_parameters["rope_theta"] == model.config.rope_theta
+    idx = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(KOREAN)]])
+    assert idx.size(1) > 60
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_tied_export_stores_the_embedding_once(exported_tied_mqa):
+    with safe_open(exported_tied_mqa[1] / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+
+
+def test_transformers_tokenizer_ids_equal_nanokor_on_the_korean_sample(exported, tokenizer):
+    hf_tok = AutoTokenizer.from_pretrained(exported[1])
+    texts = [KOREAN, *EDGE_CASES, *open_corpus("sample").documents()]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert hf_tok(text, add_special_tokens=False).input_ids == ids, text[:40]
+        assert hf_tok.decode(ids) == tokenizer.decode(ids)
+    # Documents start with BOS in training, so the HF tokenizer adds it like encode_prompt does.
+    assert hf_tok(KOREAN).input_ids == [tokenizer.bos_id, *tokenizer.encode(KOREAN)]
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (1, 2, 3, 0)
+
+
+def test_unigram_tokenizer_exports_exactly_too(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    docs = list(open_corpus("sample").documents())
+    unigram = train_tokenizer(docs, vocab_size=2048, model_type="unigram")
+    hf_tok = HFTokenizer.from_str(json.dumps(hf_tokenizer_json(unigram.model_bytes)))
+    for text in [KOREAN, *EDGE_CASES[:-2], *docs[::5]]:  # "<s>" in text is transformers' config's job
+        assert hf_tok.encode(text, add_special_tokens=False).ids == unigram.encode(text), text[:40]
+
+
+def test_greedy_generation_gives_the_same_tokens_in_both(exported, tokenizer):
+    model, hf = load_pair(*exported)
+    prompt = [tokenizer.bos_id, *tokenizer.encode("조선의 역사는")]
+    ours = torch.stack(list(generate(model, torch.tensor([prompt]), 40, temperature=0,
+                                     eos_id=tokenizer.eos_id)), dim=1)[0].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    assert ours == theirs
+    assert len(set(ours)) > 5
+
+
+def test_bfloat16_export_writes_bf16_weights_that_load(tmp_path_factory, tokenizer):
+    ckpt, out = export_dir(tmp_path_factory, tokenizer, "bf16", "--dtype", "bfloat16")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = build_model(load_checkpoint(ckpt))
+    with torch.no_grad():
+        for p in model.parameters():  # the export's rounding, then fp32 math on both sides
+            p.copy_(p.bfloat16().float())
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    idx = torch.tensor([[1, *tokenizer.encode(KOREAN)]])
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_sinusoidal_model_is_refused_with_a_clear_message(tmp_path, tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path / "sin.pt", tokenizer, position="sinusoidal")
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "position='rope'" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf")]) == 2
+    assert "No checkpoint at" in capsys.readouterr().err
