@@ -3,13 +3,27 @@
 Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, so models
 with different tokenizers compare fairly. Like nanochat, tokens that stand for no text (special and
 control ids, byte length 0) are left out of both sums.
+
+The command line scores a checkpoint on any local text, tokenized with the checkpoint's tokenizer:
+
+    python -m nanokor.evaluate --ckpt out/last.pt --data-files 'texts/*.txt' --max-tokens 200000
 """
 
+import argparse
+import json
 import math
+import sys
 from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
+from nanokor.corpus import DataError, normalize, open_corpus
+from nanokor.generate import DTYPES, resolve_device, resolve_dtype
 
 
 @torch.no_grad()
@@ -40,3 +54,116 @@ def evaluate_loss(model, batches, token_bytes: torch.Tensor, autocast=nullcontex
     mean = nats / tokens
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "bpb": nats_with_bytes / (math.log(2) * nbytes)
             if nbytes else float("nan"), "tokens": int(tokens), "bytes": int(nbytes)}
+
+
+# ---- command line: python -m nanokor.evaluate --ckpt out/last.pt --data-files 'texts/*.txt' -------
+
+class EvalError(Exception):
+    """Bad input to the evaluation command, explained in one paragraph."""
+
+
+def windows(docs, tokenizer, seq_len: int, max_tokens: int | None):
+    """(x, y) rows of seq_len from the documents framed as in training (<s> text </s>), laid end to
+    end. Consecutive rows share one token, so every token after the first is a target exactly once;
+    the last row is padded with ignored targets (-1). Stops once max_tokens targets are taken."""
+    buf, budget = [], max_tokens if max_tokens is not None else float("inf")
+    for doc in docs:
+        buf += [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
+        while len(buf) > seq_len and budget > 0:
+            n = min(seq_len, budget)
+            yield buf[:n], buf[1:n + 1]
+            buf, budget = buf[seq_len:], budget - n
+        if budget <= 0:
+            return
+    if len(buf) > 1 and budget > 0:
+        n = min(len(buf) - 1, budget)
+        yield buf[:n], buf[1:n + 1]
+
+
+def batches(rows, batch_size: int, seq_len: int, device, pad_id: int, progress):
+    """Stack rows into (B, seq_len) tensors; short rows are padded (inputs with pad, targets with -1)."""
+    def flush(chunk):
+        x = torch.full((len(chunk), seq_len), pad_id, dtype=torch.long)
+        y = torch.full((len(chunk), seq_len), -1, dtype=torch.long)
+        for i, (xs, ys) in enumerate(chunk):
+            x[i, :len(xs)], y[i, :len(ys)] = torch.tensor(xs), torch.tensor(ys)
+        progress.update(sum(len(ys) for _, ys in chunk))
+        return x.to(device), y.to(device)
+
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield flush(chunk)
+            chunk = []
+    if chunk:
+        yield flush(chunk)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanokor.evaluate",
+                                description="Loss, perplexity and bits per byte of a checkpoint on any text.")
+    p.add_argument("--ckpt", default="out/last.pt", help="checkpoint written by train.py (default: out/last.pt)")
+    p.add_argument("--data-files", nargs="+", required=True,
+                   help="globs of .txt (blank-line separated documents), .jsonl or .parquet files")
+    p.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")
+    p.add_argument("--max-tokens", type=int, default=1_000_000,
+                   help="token budget: score at most this many tokens (default 1,000,000; 0 = all)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="autocast dtype; auto = bfloat16 on GPUs that support it, else float32")
+    p.add_argument("--out", help="JSON results path (default: eval-<data name>.json beside the checkpoint)")
+    args = p.parse_args(argv)
+    if args.max_tokens < 0 or args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        p.error("--max-tokens must be >= 0, --batch-size and --seq-len >= 1")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    dtype = resolve_dtype(args.dtype, device)
+
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        model, tokenizer = build_model(ckpt).to(device), build_tokenizer(ckpt)
+        seq_len = args.seq_len or model.config.max_seq_len
+        if seq_len > model.config.max_seq_len:
+            raise EvalError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len}); "
+                            "pass a smaller --seq-len or leave it out.")
+        corpus = open_corpus(data_files=args.data_files, text_column=args.text_column)
+        docs = (normalize(d) for d in corpus.documents() if d.strip())
+        budget = args.max_tokens or None
+        autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
+        token_bytes = torch.as_tensor(tokenizer.token_bytes, device=device)
+        with tqdm(total=budget, unit="tok", unit_scale=True, desc="scoring", dynamic_ncols=True) as progress:
+            rows = windows(docs, tokenizer, seq_len, budget)
+            try:
+                result = evaluate_loss(model, batches(rows, args.batch_size, seq_len, device, tokenizer.pad_id,
+                                                      progress), token_bytes, autocast)
+            except ValueError:  # evaluate_loss: nothing was scored
+                raise EvalError(f"{', '.join(args.data_files)} holds no text to score (every document is empty). "
+                                f"Check the files, or --text-column (now {args.text_column!r}).") from None
+    except (CheckpointError, DataError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    report = {"checkpoint": str(args.ckpt), "data_files": args.data_files, "files": corpus.info["files"],
+              "text_column": args.text_column, **result, "seq_len": seq_len, "max_tokens": budget,
+              "tokenizer_sha256": tokenizer.sha256, "dtype": str(dtype).removeprefix("torch."),
+              "read_problems": dict(corpus.counts)}
+    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"eval-{corpus.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows = [("checkpoint", str(args.ckpt)), ("data", f"{', '.join(args.data_files)} ({len(corpus.info['files'])} "
+            "files)"), ("tokens scored", f"{result['tokens']:,}"), ("bytes scored", f"{result['bytes']:,}"),
+            ("loss (nats/token)", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.2f}"),
+            ("bits per byte", f"{result['bpb']:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
