@@ -73,7 +73,8 @@ def read_metrics(run_dir) -> list[dict]:
 def _with_tokens(records: list[dict]) -> list[dict]:
     """Give each record a 'tokens' value where one is known: train.py's step lines log `tokens_seen`,
     its evaluation lines only the step, which maps to the tokens seen by then."""
-    seen = {r["step"]: r["tokens_seen"] for r in records if _is_number(r.get("step")) and _is_number(r.get("tokens_seen"))}
+    seen = {r["step"]: r["tokens_seen"] for r in records
+            if _is_number(r.get("step")) and _is_number(r.get("tokens_seen"))}
     out = []
     for r in records:
         tokens = r.get("tokens", r.get("tokens_seen", seen.get(r.get("step"))))

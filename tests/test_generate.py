@@ -1,7 +1,6 @@
 """generate() and StreamDecoder against independent references: full forwards without a cache,
 transformers' logit processors, hand-computed nuclei and the distributions sampling must follow."""
 
-import math
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from nanokor.generate import (PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt, generate,
                               sample_next)
-from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import Tokenizer
 
 from tiny_checkpoint import tiny_model
@@ -151,7 +149,8 @@ def test_rows_that_hit_eos_keep_yielding_eos_and_generation_stops_when_all_have(
 
 def test_prompt_plus_generation_beyond_max_seq_len_is_a_clear_error(model):
     idx = torch.zeros(1, 100, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"100 tokens plus max_new_tokens=29 exceeds .* max_seq_len \(128\).*at most 28"):
+    message = r"100 tokens plus max_new_tokens=29 exceeds .* max_seq_len \(128\).*at most 28"
+    with pytest.raises(ValueError, match=message):
         next(generate(model, idx, 29))
     assert len(run(model, idx, 28, temperature=0)[0]) == 28  # exactly filling the context is fine
 
