@@ -1,7 +1,6 @@
 """generate() and StreamDecoder against independent references: full forwards without a cache,
 transformers' logit processors, hand-computed nuclei and the distributions sampling must follow."""
 
-
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
