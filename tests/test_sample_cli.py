@@ -1,6 +1,7 @@
 """sample.py: the checkpoint is all it needs, text streams token by token, bad input is one paragraph."""
 
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +74,11 @@ def test_cli_verbatim_greedy_output_is_prompt_plus_the_generated_text(ckpt, toke
     assert proc.stdout == greedy_text(ckpt, tokenizer, PROMPT, 25) + "\n"
 
 
-def test_prompt_from_stdin(ckpt, tokenizer):
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--prompt-file", "-",
-                           "--temperature", "0", "--max-new-tokens", "10"], cwd=REPO, input=PROMPT + "\n",
-                          capture_output=True, text=True, encoding="utf-8")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == greedy_text(ckpt, tokenizer, PROMPT, 10) + "\n"  # the trailing newline is dropped
+def test_prompt_from_stdin(ckpt, tokenizer, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((PROMPT + "\n").encode("utf-8"))))
+    code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--prompt-file", "-", "--temperature", 0,
+                             "--max-new-tokens", 10)
+    assert code == 0 and text == greedy_text(ckpt, tokenizer, PROMPT, 10) + "\n"  # the trailing newline is dropped
 
 
 def test_streams_token_by_token_and_the_pieces_add_up_to_the_decoded_text(ckpt, tokenizer, monkeypatch):
@@ -113,16 +113,18 @@ def test_stops_at_eos(ckpt, tokenizer, tmp_path, monkeypatch):
 
 
 def test_generation_is_clamped_to_the_context_with_a_note(ckpt, tokenizer, monkeypatch, capsys):
-    code, text, writes = run_main(monkeypatch, "--ckpt", ckpt, "--prompt", PROMPT, "--temperature", 0,
+    prompt = " ".join([PROMPT] * 14)  # close to the 128-token context, so the clamped run is short
+    n_prompt = 1 + len(tokenizer.encode(prompt))
+    assert 90 < n_prompt < 120
+    code, text, writes = run_main(monkeypatch, "--ckpt", ckpt, "--prompt", prompt, "--temperature", 0,
                                   "--max-new-tokens", 500)
-    n_prompt = 1 + len(tokenizer.encode(PROMPT))
     assert code == 0
     assert f"note: generating {128 - n_prompt} tokens instead of --max-new-tokens 500" in capsys.readouterr().err
-    assert text == greedy_text(ckpt, tokenizer, PROMPT, 128 - n_prompt) + "\n"
+    assert text == greedy_text(ckpt, tokenizer, prompt, 128 - n_prompt) + "\n"
 
 
 def test_seeded_samples_reproduce_and_differ_from_each_other(ckpt, monkeypatch):
-    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--num-samples", 3, "--max-new-tokens", 15, "--top-k", 40,
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--num-samples", 3, "--max-new-tokens", 8, "--top-k", 40,
             "--top-p", 0.95, "--temperature", 1.2]
     _, a, _ = run_main(monkeypatch, *args, "--seed", 1)
     _, b, _ = run_main(monkeypatch, *args, "--seed", 1)
