@@ -166,7 +166,7 @@ def _read_parquet(path: Path, column: str, counts: Counter) -> Iterator[str]:
     if column not in pf.schema_arrow.names:
         raise DataError(f"{path} has no column {column!r}; its columns are {pf.schema_arrow.names}. "
                         "Pick the text column with --text-column.")
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+    for batch in pf.iter_batches(batch_size=256, columns=[column]):  # small reads keep workers fed
         values = batch.column(0)
         try:
             texts = values.to_pylist()

@@ -91,13 +91,16 @@ class Tokenizer:
         Summed over the targets of a text it gives the text's length in bytes, which turns a loss in
         nats per token into bits per byte, comparable across tokenizers.
         """
-        table = np.zeros(self.vocab_size, dtype=np.int32)
-        for i in range(self.vocab_size):
-            if self.sp.is_byte(i):
-                table[i] = 1
-            elif not (self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i)):
-                table[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        return table
+        sp = self.sp
+
+        def n_bytes(i: int) -> int:
+            if sp.is_byte(i):
+                return 1
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                return 0
+            return len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+        return np.array([n_bytes(i) for i in range(self.vocab_size)], dtype=np.int32)
 
 
 def auto_vocab_size(sample_bytes: int) -> int:
