@@ -28,6 +28,7 @@ from nanokor.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
 # The embedded sample has ~100 documents: 1% would leave validation with one or two of them.
 DEFAULT_VAL_FRACTION = {"sample": 0.10}
 DEFAULT_VAL_FRACTION_OTHER = 0.01
+ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def parse_size(text: str) -> int:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--vocab-size", type=int,
                      help=f"default {DEFAULT_VOCAB}, capped for small corpora at one piece per 40 bytes of "
                           "tokenizer-training text (multiple of 256); at most 65535 (uint16 shards)")
-    tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece algorithm (bpe)")
     tok.add_argument("--tokenizer-sample-bytes", type=parse_size, default=parse_size("50M"),
                      help="train the tokenizer on the first this-many bytes of clean training documents (50M)")
     out = p.add_argument_group("output")
@@ -64,11 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--val-fraction", type=float,
                      help="share of documents for validation, chosen by content hash "
                           f"(default {DEFAULT_VAL_FRACTION_OTHER}; 0.1 for the small sample)")
-    out.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    out.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (100M: 200 MB files)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
-                   help="tokenizer worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed for tokenizer training")
+    p.add_argument("--num-proc", type=int, default=ALL_CORES,
+                   help=f"tokenizer worker processes (default: all cores, {ALL_CORES})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for tokenizer training (the split depends on document content only)")
     return p
 
 

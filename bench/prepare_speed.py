@@ -39,10 +39,11 @@ def load_prepare():
 
 
 def main() -> None:
+    prepare = load_prepare()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "korean_corpus",
                    help="directory of parquet files with a `text` column (default: ../shared/data/korean_corpus)")
-    p.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--num-proc", type=int, default=prepare.ALL_CORES, help="processes and threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--tokenizer-sample-bytes", type=float, default=20e6)
@@ -61,7 +62,6 @@ def main() -> None:
         sample.append(t)
         size += len(t.encode("utf-8"))
     tok = train_tokenizer(sample, vocab_size=args.vocab_size, num_threads=args.num_proc)
-    prepare = load_prepare()
 
     raw_s, prep_s = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -109,7 +109,8 @@ class TrainLoader:
         first = self.position + self.rank * self.batch_size
         self.position += self.batch_size * self.world_size
         t = self.block_size
-        windows = np.stack([self.tokens.read(self._window(g) * t, t + 1) for g in range(first, first + self.batch_size)])
+        windows = np.stack([self.tokens.read(self._window(g) * t, t + 1)
+                            for g in range(first, first + self.batch_size)])
         return _to_device(windows, self.device)
 
     def state_dict(self) -> dict:
