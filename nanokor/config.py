@@ -1,0 +1,203 @@
+"""Training configuration: typed defaults, plain-Python config files, `--key=value` overrides.
+
+    python train.py config/tiny.py --batch_size=16 --compile
+
+Every key lives in `TrainConfig`, flat like nanoGPT: model keys (n_layer, d_model, ...) sit next to
+optimizer and logging keys and become a `ModelConfig` in `model_config`. A config file is ordinary
+Python whose top-level assignments override the defaults; `--key=value` arguments then override the
+files, parsed by the default's type (bools take true/false/1/0/yes/no, and a bare `--flag` means true).
+Unknown keys, wrongly typed values and out-of-range choices raise a ConfigError that names the fix.
+"""
+
+import difflib
+import json
+import runpy
+import types
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from nanokor.model import ModelConfig
+
+_MODEL = {f.name: f.default for f in fields(ModelConfig)}  # architecture defaults live in the model's config
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user has to fix; the message says how."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- run ----
+    out_dir: str = "out"  # checkpoints, metrics.jsonl, config.json
+    data_dir: str = "data/sample"  # written by prepare.py: tokenizer.model, train_*.bin, val_*.bin
+    init_from: str = "scratch"  # scratch | resume (continue from out_dir/last.pt)
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; bf16 is autocast over fp32 weights
+    compile: bool = False  # torch.compile the model (first step pays the compile time)
+    deepspeed: str = ""  # path to a DeepSpeed JSON config; empty = plain PyTorch / DDP
+    # ---- model (the tokenizer fixes vocab_size; block_size is max_seq_len) ----
+    n_layer: int = _MODEL["n_layer"]
+    n_head: int = _MODEL["n_head"]
+    n_kv_head: int = _MODEL["n_kv_head"]  # 0 = n_head; fewer gives grouped-query attention
+    d_model: int = _MODEL["d_model"]
+    d_ff: int = _MODEL["d_ff"]
+    dropout: float = _MODEL["dropout"]
+    tie_embeddings: bool = _MODEL["tie_embeddings"]
+    rope_theta: float = _MODEL["rope_theta"]
+    norm_eps: float = _MODEL["norm_eps"]
+    init_std: float = _MODEL["init_std"]
+    attention: str = _MODEL["attention"]  # auto | flash | sdpa | math
+    position: str = _MODEL["position"]  # rope | sinusoidal
+    gradient_checkpointing: bool = _MODEL["gradient_checkpointing"]
+    # ---- batch: tokens per optimizer step = batch_size * block_size * grad_accum * world size ----
+    block_size: int = 1024
+    batch_size: int = 8  # sequences per micro-step, per process
+    grad_accum: int = 1  # micro-steps per optimizer step, per process
+    max_steps: int = 10000
+    # ---- optimizer and schedule ----
+    schedule: str = "noam"  # noam | cosine | wsd (warmup-stable-decay)
+    lr_factor: float = 1.0  # noam: lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    lr: float = 6e-4  # cosine / wsd: peak learning rate
+    min_lr: float = 6e-5  # cosine / wsd: final learning rate
+    warmup_steps: int = 4000
+    decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping (the norm is still logged)
+    label_smoothing: float = 0.0  # training loss only; validation is pure cross-entropy
+    max_nonfinite: int = 10  # consecutive non-finite steps (skipped) before the run aborts
+    # ---- evaluation and checkpoints ----
+    eval_interval: int = 500  # steps between evaluations (each also writes last.pt)
+    eval_tokens: int = 1 << 20  # validation-token budget per evaluation, over all processes
+    keep_best: int = 3  # best-k checkpoints by validation loss, beside last.pt
+    sample_tokens: int = 48  # length of the Korean sample generated at each evaluation; 0 disables
+    sample_prompt: str = "대한민국의 역사는"
+    # ---- logging ----
+    wandb_mode: str = "disabled"  # auto (online with an API key, else offline) | online | offline | disabled
+    wandb_project: str = "nanokor"
+    wandb_run_name: str = ""  # empty = wandb's generated name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CHOICES = {
+    "init_from": ("scratch", "resume"),
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "bf16", "fp32"),
+    "schedule": ("noam", "cosine", "wsd"),
+    "wandb_mode": ("auto", "online", "offline", "disabled"),
+}
+POSITIVE = ("n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum", "max_steps",
+            "eval_interval", "eval_tokens", "max_nonfinite")
+TYPES = {f.name: f.type for f in fields(TrainConfig)}
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout", "tie_embeddings", "rope_theta",
+              "norm_eps", "init_std", "attention", "position", "gradient_checkpointing")
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Defaults, then each config file in order, then `--key=value` overrides; validated."""
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            _check_key(key, f"the command-line flag {arg}")
+            if not sep and TYPES[key] is not bool:
+                raise ConfigError(f"--{key} needs a value: write --{key}=VALUE (only bool keys may be bare flags).")
+            values[key] = _parse(key, text) if sep else True
+        else:
+            values.update(_read_config_file(arg))
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _read_config_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"Config file {path} does not exist. Pass a file such as config/tiny.py, or set keys "
+                          "directly with --key=value.")
+    namespace = runpy.run_path(path)
+    values = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
+            continue  # helpers and imports are the file's business, not config keys
+        _check_key(key, f"{path}")
+        values[key] = _check_type(key, value, f"{path}")
+    return values
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in TYPES:
+        close = difflib.get_close_matches(key, TYPES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(TYPES)}.")
+
+
+def _parse(key: str, text: str):
+    kind = TYPES[key]
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--{key} is a bool: write --{key}=true or --{key}=false, not {text!r}.")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{key} must be {_article(kind)} (default {getattr(TrainConfig, key)!r}), "
+                          f"got {text!r}.") from None
+
+
+def _check_type(key: str, value, where: str):
+    kind = TYPES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} in {where} must be {_article(kind)} (default {getattr(TrainConfig, key)!r}), "
+                          f"got {value!r} of type {type(value).__name__}.")
+    return value
+
+
+def _article(kind: type) -> str:
+    return {int: "an int", float: "a float", str: "a string", bool: "a bool"}[kind]
+
+
+def validate(cfg: TrainConfig) -> None:
+    problems = [f"{key} must be one of {choices}, got {getattr(cfg, key)!r}"
+                for key, choices in CHOICES.items() if getattr(cfg, key) not in choices]
+    problems += [f"{key} must be positive, got {getattr(cfg, key)}" for key in POSITIVE if getattr(cfg, key) <= 0]
+    if not 0 <= cfg.label_smoothing < 1:
+        problems.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.warmup_steps < 0 or cfg.keep_best < 0 or cfg.sample_tokens < 0 or cfg.grad_clip < 0:
+        problems.append("warmup_steps, keep_best, sample_tokens and grad_clip must not be negative")
+    if cfg.schedule == "noam" and cfg.warmup_steps == 0:
+        problems.append("the noam schedule needs warmup_steps > 0 (its peak is at step = warmup_steps)")
+    if not 0 <= cfg.decay_frac <= 1:
+        problems.append(f"decay_frac must be in [0, 1], got {cfg.decay_frac}")
+    if problems:
+        raise ConfigError("Invalid config: " + "; ".join(problems) + ". Fix the config file or pass --key=value.")
+    try:
+        model_config(cfg, vocab_size=256)
+    except ValueError as e:
+        raise ConfigError(f"{e} Adjust the model keys ({', '.join(MODEL_KEYS)}).") from None
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The architecture the flat keys describe; the tokenizer decides the vocabulary size."""
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=cfg.block_size,
+                       **{key: getattr(cfg, key) for key in MODEL_KEYS})
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The resolved config as printed at start: one `key = value` per line, in declaration order."""
+    width = max(map(len, TYPES))
+    return "\n".join(f"{key:<{width}} = {value!r}" for key, value in cfg.to_dict().items())
+
+
+def save_config(cfg: TrainConfig, path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,89 @@
+"""Config files, --key=value overrides and their errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanokor.config import ConfigError, TrainConfig, load_config, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "cfg.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_file_then_flags_in_order(tmp_path):
+    path = write(tmp_path, "import math\nd_model = 64\nn_head = 2\nlr = 3\n_helper = math.pi\n")
+    cfg = load_config([path, "--d_model=96", "--compile", "--dropout=0.25", "--tie_embeddings=false"])
+    assert (cfg.d_model, cfg.n_head, cfg.compile, cfg.dropout, cfg.tie_embeddings) == (96, 2, True, 0.25, False)
+    assert cfg.lr == 3.0 and isinstance(cfg.lr, float)  # an int literal is a fine float
+    assert cfg.batch_size == TrainConfig.batch_size  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("1", True), ("yes", True), ("False", False),
+                                           ("0", False), ("no", False)])
+def test_bool_spellings(text, expected):
+    assert load_config([f"--compile={text}"]).compile is expected
+
+
+def test_model_keys_become_a_model_config():
+    cfg = load_config(["--n_layer=3", "--d_model=64", "--n_head=4", "--n_kv_head=2", "--block_size=48"])
+    mc = model_config(cfg, vocab_size=1000)
+    assert (mc.n_layer, mc.d_model, mc.n_kv_head, mc.max_seq_len, mc.vocab_size) == (3, 64, 2, 48, 1000)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--learning_rate=1e-3"], "Unknown config key 'learning_rate'"),
+    (["--batch_size=eight"], "--batch_size must be an int"),
+    (["--compile=maybe"], "--compile is a bool"),
+    (["--schedule=linear"], "schedule must be one of"),
+    (["--max_steps=0"], "max_steps must be positive"),
+    (["--d_model=100", "--n_head=3"], "divisible by n_head"),
+    (["--lr"], "--lr needs a value"),
+    (["no/such/config.py"], "does not exist"),
+])
+def test_bad_input_is_a_config_error(args, fragment):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(args)
+    assert fragment in str(e.value)
+
+
+def test_unknown_key_in_a_file_names_the_file_and_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "d_modle = 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([path])
+    message = str(e.value)
+    assert path in message and "Did you mean 'd_model'?" in message
+    assert "Valid keys:" in message and "warmup_steps" in message and "label_smoothing" in message
+
+
+def test_wrong_type_in_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size .* must be an int .* got 8.5"):
+        load_config([write(tmp_path, "batch_size = 8.5\n")])
+
+
+def test_cli_reports_unknown_key_without_a_traceback():
+    proc = subprocess.run([sys.executable, "train.py", "config/tiny.py", "--no_such_key=1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Unknown config key 'no_such_key'" in proc.stderr and "Valid keys:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", ["config/tiny.py", "config/base.py"])
+def test_shipped_configs_load(path):
+    cfg = load_config([str(REPO / path)])
+    assert cfg.max_steps > 0
+
+
+def test_base_config_is_the_issue_run():
+    cfg = load_config([str(REPO / "config/base.py")])
+    assert (cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_layer) == (768, 3072, 12, 12)
+    assert (cfg.dropout, cfg.block_size) == (0.1, 1024)
+    assert (cfg.schedule, cfg.warmup_steps, cfg.lr_factor, cfg.label_smoothing) == ("noam", 4000, 1.0, 0.1)
+    assert (cfg.dtype, cfg.grad_clip, cfg.keep_best) == ("bf16", 1.0, 3)
