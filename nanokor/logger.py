@@ -1,0 +1,132 @@
+"""Run logging behind one small interface: `info`, `log`, `step`, `close`.
+
+Rank 0 gets a `Logger`: a tqdm bar (loss, lr, tokens/s), `metrics.jsonl` in the output directory
+(one JSON object per line, always written) and wandb when asked for. Every other rank gets a
+`NullLogger`, so the loop never asks "am I rank 0?" before logging.
+
+wandb never stops a run: without the package or an API key it falls back (offline, or off), and an
+online start that cannot reach the server within its timeout falls back to offline.
+"""
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nanokor.config import ConfigError
+
+
+class Logger:
+    def __init__(self, cfg, start_step: int, run_config: dict):
+        out_dir = Path(cfg.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        _drop_records_after(self.path, start_step)  # a resumed run rewrites the steps it repeats
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.wandb = start_wandb(cfg, run_config)
+        self.total, self.start_step = cfg.max_steps, start_step
+        self.bar = None  # opened at the first step, so the start-up messages print above it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self, message: str) -> None:
+        tqdm.write(message)
+
+    def log(self, record: dict) -> None:
+        """One line of metrics.jsonl (and a wandb row): plain numbers and strings, keyed by step."""
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def step(self, record: dict) -> None:
+        self.log(record)
+        if self.bar is None:  # redraw at most once a second on a terminal; in a log file, rarely
+            self.bar = tqdm(total=self.total, initial=self.start_step, unit="step", dynamic_ncols=True,
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_sec']:,.0f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_logger(cfg, is_master: bool, start_step: int, run_config: dict):
+    return Logger(cfg, start_step, run_config) if is_master else NullLogger()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def start_wandb(cfg, run_config: dict):
+    """A wandb run, or None. auto = online when an API key is configured, else offline; the WANDB_MODE
+    environment variable decides for auto when it is set."""
+    mode = cfg.wandb_mode
+    if mode == "auto" and os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        mode = os.environ["WANDB_MODE"]
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        if mode == "auto":
+            warnings.warn("wandb_mode=auto: wandb is not installed, so this run logs to metrics.jsonl only.")
+            return None
+        raise ConfigError(f"wandb_mode={mode} needs the wandb package: `pip install wandb`, or pass "
+                          "--wandb_mode=disabled (metrics.jsonl is written either way).") from None
+    if mode in ("auto", "online") and not wandb.login(prompt=False, verify=False):
+        if mode == "online":  # without a key wandb would prompt, and a prompt in a training job is a hang
+            warnings.warn("wandb_mode=online but no W&B API key is configured (`wandb login` or WANDB_API_KEY); "
+                          "logging offline instead. Upload later with `wandb sync`.")
+        mode = "offline"
+    elif mode == "auto":
+        mode = "online"
+    for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+        try:
+            return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config,
+                              dir=cfg.out_dir, mode=attempt, settings=wandb.Settings(init_timeout=30))
+        except Exception as e:  # network and service errors come in many types; none may end the run
+            warnings.warn(f"wandb could not start in {attempt} mode ({type(e).__name__}: {e}).")
+    return None
