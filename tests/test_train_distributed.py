@@ -1,0 +1,63 @@
+"""train.py under torchrun with two gloo processes, against a single process on the same global batch:
+plain DDP, and DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then resumed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanokor.checkpoint import build_model, load_checkpoint
+from test_train import TINY, max_diff, run, train_records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(data_dir, out_dir, *args, timeout=600):
+    """Two CPU processes; the timeout leaves room for DeepSpeed's one-time C++ op build."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_ddp_on_two_processes_matches_one_process_on_the_global_batch(sample_data_dir, tmp_path):
+    # Per-rank batch 2 x 2 ranks = 8 sequences per step with grad_accum 2, as one process with batch 4.
+    common = ["--max_steps=4", "--grad_accum=2", "--eval_interval=2"]
+    proc = torchrun(sample_data_dir, tmp_path / "ddp", "--batch_size=2", *common)
+    assert "2 x cpu, fp32, DDP" in proc.stdout
+    run(sample_data_dir, tmp_path / "single", "--batch_size=4", *common)
+    assert max_diff(load_checkpoint(tmp_path / "ddp" / "last.pt")["model"],
+                    load_checkpoint(tmp_path / "single" / "last.pt")["model"]) <= 1e-5
+    ddp, single = train_records(tmp_path / "ddp"), train_records(tmp_path / "single")
+    assert [ddp[s]["loss"] for s in range(1, 5)] == pytest.approx([single[s]["loss"] for s in range(1, 5)], abs=1e-5)
+    assert ddp[4]["tokens_seen"] == 4 * 8 * 32
+    assert val_losses(tmp_path / "ddp") == pytest.approx(val_losses(tmp_path / "single"), abs=1e-5)  # all-reduced
+
+
+def val_losses(out_dir) -> list[float]:
+    lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]
+
+
+def test_deepspeed_zero2_cpu_offload_saves_resumes_and_matches_plain_adamw(sample_data_dir, tmp_path):
+    ds = ["--deepspeed=config/ds_zero2.json", "--batch_size=2", "--grad_accum=2", "--eval_interval=2"]
+    torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=2", *ds)
+    engine_dir = tmp_path / "ds" / "deepspeed"
+    assert (engine_dir / "latest").read_text().strip() == "step_0000002"
+    proc = torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=4", "--init_from=resume", *ds)
+    assert "resumed from" in proc.stdout and "DeepSpeed" in proc.stdout
+    assert sorted(p.name for p in engine_dir.glob("step_*")) == ["step_0000004"]  # only the newest is kept
+
+    # The reference: plain PyTorch AdamW, one process, the same global batch, four uninterrupted steps.
+    run(sample_data_dir, tmp_path / "ref", "--batch_size=4", "--grad_accum=2", "--eval_interval=2", "--max_steps=4")
+    ds_ckpt = load_checkpoint(tmp_path / "ds" / "last.pt")
+    assert ds_ckpt["step"] == 4 and ds_ckpt["optimizer"] is None  # the optimizer lives in the engine checkpoint
+    assert max_diff(ds_ckpt["model"], load_checkpoint(tmp_path / "ref" / "last.pt")["model"]) <= 1e-4
+    got, want = train_records(tmp_path / "ds"), train_records(tmp_path / "ref")
+    assert [got[s]["loss"] for s in range(1, 5)] == pytest.approx([want[s]["loss"] for s in range(1, 5)], abs=1e-5)
+    build_model(ds_ckpt)  # a complete nanokor checkpoint: sample.py and export can use it
