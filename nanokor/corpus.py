@@ -32,6 +32,7 @@ class DataError(Exception):
 
 # C0 and C1 control characters, except tab and newline (carriage returns become newlines first).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def normalize(text: str, counts: Counter | None = None) -> str:
@@ -198,6 +199,11 @@ def _read_jsonl(path: Path, field_name: str, counts: Counter) -> Iterator[str]:
             if not isinstance(text, str):
                 counts["missing_text"] += 1
                 continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
+                counts["invalid_utf8_docs"] += 1
+                text = _SURROGATE.sub("\ufffd", text)
             yield text
 
 

@@ -41,6 +41,7 @@ def _write_files(tmp_path: Path) -> Path:
         f.write(json.dumps({"body": "셋째 문서"}, ensure_ascii=False).encode() + b"\n")
         f.write(b'{"body": "\xed\x95\x9c\xff broken"}\n')  # invalid UTF-8 inside
         f.write(b"{not json\n\n")
+        f.write(b'{"body": "\\ud800 lone surrogate"}\n')
         f.write(json.dumps({"other": 1}).encode() + b"\n")
     (tmp_path / "c.txt").write_bytes("넷째\n문서 둘째 줄\n\n\n다섯째\n  \n여섯째".encode() + b" \xc3\x28")
     return tmp_path
@@ -51,9 +52,9 @@ def test_local_files_parquet_jsonl_txt(tmp_path):
     c = open_corpus(data_files=[str(tmp_path / "*.parquet"), str(tmp_path / "*.jsonl"), str(tmp_path / "*.txt")],
                     text_column="body")
     docs = list(c.documents())
-    assert docs == ["첫 문서", "", "둘째 문서", "셋째 문서", "한\ufffd broken", "넷째\n문서 둘째 줄", "다섯째",
-                    "여섯째 \ufffd("]
-    assert c.counts == {"invalid_utf8_docs": 2, "bad_jsonl_lines": 1, "missing_text": 1}
+    assert docs == ["첫 문서", "", "둘째 문서", "셋째 문서", "한\ufffd broken", "\ufffd lone surrogate",
+                    "넷째\n문서 둘째 줄", "다섯째", "여섯째 \ufffd("]
+    assert c.counts == {"invalid_utf8_docs": 3, "bad_jsonl_lines": 1, "missing_text": 1}
     assert c.name == tmp_path.name and c.info["source"] == "files"
 
 
