@@ -109,10 +109,12 @@ def main(argv=None) -> int:
     idx = torch.tensor([ids], device=args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     out = sys.stdout
+    if hasattr(out, "reconfigure"):  # Korean text is UTF-8 whatever the locale (LANG=C would fail)
+        out.reconfigure(encoding="utf-8")
+    stream = StreamDecoder(tokenizer)
     for i in range(args.num_samples):
         if i:
             out.write("\n" + "-" * 40 + "\n")
-        stream = StreamDecoder(tokenizer)
         out.write(text or "")
         tokens = generate(model, idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,

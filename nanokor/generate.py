@@ -9,13 +9,15 @@ top-k, top-p, then a draw.
 `StreamDecoder` turns ids into text as they arrive. Byte-fallback pieces (`<0xEA>`) can split a
 Hangul syllable across tokens, so it feeds raw bytes through an incremental UTF-8 decoder that holds
 back an incomplete character until its last byte arrives instead of printing U+FFFD.
+
+The small helpers that sample.py, evaluate and the benchmark share (device and dtype choice, prompt
+encoding) live here too: they are about running a trained model, which is what this module does.
 """
 
 import codecs
 import re
 
 import torch
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -183,7 +185,8 @@ class StreamDecoder:
         return self._utf8.decode(self._bytes[token_id])
 
     def flush(self) -> str:
-        """Whatever is left at the end (an incomplete character becomes U+FFFD)."""
+        """End the sequence: return what is left (an incomplete character becomes U+FFFD). The decoder
+        is then ready for the next sequence, so the id-to-bytes table is built once per tokenizer."""
         return self._utf8.decode(b"", final=True)
 
 
