@@ -95,14 +95,18 @@ def tokenizer_sample(corpus, max_bytes: int, val_fraction: float) -> list[str]:
     return docs
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> Path:
-    """Refuse to clobber, and return the staging directory the run writes into."""
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber, before any slow work."""
     if out.exists():
         if not overwrite:
             raise DataError(f"{out} already exists. Pass --overwrite to replace it, or choose another --out.")
         if not (out / "meta.json").is_file():
             raise DataError(f"{out} exists but is not a prepared data directory (no meta.json); refusing to "
                             "delete it with --overwrite. Remove it yourself or choose another --out.")
+
+
+def staging_dir(out: Path) -> Path:
+    """The directory the run writes into, renamed to `out` once complete."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
     staging.mkdir(parents=True)
@@ -120,7 +124,7 @@ def run(args, argv: list[str]) -> dict:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.01.")
     if args.tokenizer and args.vocab_size:
         raise DataError("--vocab-size applies when training a tokenizer; --tokenizer reuses one. Pass one of them.")
-    staging = prepare_output_dir(out, args.overwrite)
+    check_output_dir(out, args.overwrite)
     num_proc = max(1, args.num_proc)
 
     if args.tokenizer:
@@ -142,6 +146,7 @@ def run(args, argv: list[str]) -> dict:
         tokenizer_info = {"model_type": args.model_type, "trained_on_documents": len(sample),
                           "trained_on_bytes": sample_bytes, "seconds": round(time.time() - t0, 2)}
         del sample
+    staging = staging_dir(out)
     tokenizer.save(staging)
 
     t0 = time.time()

@@ -38,7 +38,11 @@ class Tokenizer:
 
     def __init__(self, model_bytes: bytes):
         self.model_bytes = bytes(model_bytes)
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        except RuntimeError:
+            raise DataError("Not a SentencePiece model (it does not parse). Pass the tokenizer.model that "
+                            "prepare.py wrote.") from None
         ids = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
         if ids != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):
             raise DataError(f"This SentencePiece model has special ids unk/bos/eos/pad = {ids}; nanokor needs "

@@ -122,12 +122,14 @@ def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path)
     (["--dataset", "sample", "--vocab-size", "70000"], "65535"),
     (["--dataset", "sample", "--vocab-size", "60000"], "--vocab-size"),
     (["--dataset", "sample", "--tokenizer", "missing.model"], "--tokenizer"),
+    (["--dataset", "sample", "--tokenizer", "README.md"], "SentencePiece"),
+    (["--dataset", "sample", "--val-fraction", "1.5"], "--val-fraction"),
 ])
 def test_bad_input_is_one_clear_paragraph(args, words, tmp_path):
     proc = cli(*args, "--out", tmp_path / "out")
     assert proc.returncode == 2 and words in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_killed_run_leaves_no_complete_looking_output(sample_data_dir, tmp_path, monkeypatch):
