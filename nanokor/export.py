@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from nanokor.checkpoint import CheckpointError, build_model, load_checkpoint
+from nanokor.generate import DTYPES
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(Exception):
@@ -77,12 +78,15 @@ def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: 
 # before SentencePiece), spaces as "▁", the model's pieces and scores, byte fallback, and "\n" as
 # an added token, matched before everything else as SentencePiece matches user-defined symbols.
 
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-_UNIGRAM, _BPE = 1, 2
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types
+_UNIGRAM, _BPE = 1, 2  # and model types
 
 
 def _sentencepiece_proto(model_bytes: bytes):
-    from sentencepiece import sentencepiece_model_pb2
+    try:  # SentencePiece's own schema module; it needs protobuf (installed with wandb)
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:
+        raise ExportError(f"Reading the tokenizer's settings needs protobuf ({e}); pip install protobuf.") from None
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_bytes)
@@ -170,10 +174,6 @@ def hf_tokenizer_config(model_bytes: bytes, max_seq_len: int) -> dict:
 
 def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write config.json, generation_config.json, model.safetensors and the tokenizer files."""
-    from safetensors.torch import save_file
-
-    from nanokor.checkpoint import build_model
-
     model = build_model(ckpt)
     try:
         config = hf_config(model.config, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
@@ -204,14 +204,11 @@ def main(argv=None) -> int:
                                 description="Export a nanokor checkpoint as a Hugging Face Llama directory.")
     p.add_argument("--ckpt", default="out/last.pt", help="checkpoint written by train.py (default: out/last.pt)")
     p.add_argument("--out", default="hf", help="output directory (default: hf/)")
-    p.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES),
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight dtype in model.safetensors (default: float32)")
     args = p.parse_args(argv)
-
-    from nanokor.checkpoint import CheckpointError, load_checkpoint
-
     try:
-        files = export(load_checkpoint(args.ckpt), args.out, EXPORT_DTYPES[args.dtype])
+        files = export(load_checkpoint(args.ckpt), args.out, DTYPES[args.dtype])
     except (CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -250,6 +250,18 @@ def attention_figure(model, tokenizer, text: str, layers: str):
 
 # ---- command line -----------------------------------------------------------------------------
 
+def _load(ckpt_path):
+    """Model and tokenizer of a checkpoint. Imported here: training curves need neither torch nor the
+    model, so `python -m nanokor.plot out/` starts fast."""
+    from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        raise PlotError(str(e)) from None
+    return build_model(ckpt), build_tokenizer(ckpt)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", help="training out directories holding metrics.jsonl")
@@ -261,15 +273,12 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="0,-1", help="layers for --attention, comma-separated (default: 0,-1)")
     args = p.parse_args(argv)
 
-    from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
-
     try:
         if args.attention:
             if not args.ckpt or args.text is None:
                 raise PlotError("--attention needs --ckpt and --text, e.g. python -m nanokor.plot --attention "
                                 "--ckpt out/last.pt --text \"한국어 문장입니다.\"")
-            ckpt = load_checkpoint(args.ckpt)
-            fig, note = attention_figure(build_model(ckpt), build_tokenizer(ckpt), args.text, args.layers)
+            fig, note = attention_figure(*_load(args.ckpt), args.text, args.layers)
             path = save(fig, args.out or Path(args.ckpt).with_name("attention.png"))
             if note:
                 print(f"note: {note}", file=sys.stderr)
@@ -280,7 +289,7 @@ def main(argv=None) -> int:
             fig = metrics_figure(args.runs)
             path = save(fig, args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
                                           else "metrics.png"))
-    except (PlotError, CheckpointError) as e:
+    except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
