@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Throughput of the base config on one lent GPU: train.py itself, bf16 autocast, a few hundred steps.
+#
+#   bash bench/gpu_check.sh           # ~4-6 minutes; logs under $OUT if set, else bench/results/gpu_check
+#   STEPS=100 bash bench/gpu_check.sh # shorter
+#   EXTRA="--batch_size=8" bash bench/gpu_check.sh   # extra train.py flags, applied last to every run
+#
+# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step) three ways:
+# SDPA + torch.compile, flash-attn + torch.compile (only if flash_attn imports), and SDPA eager; then
+# prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
+# on one H100 with bf16 + compile.
+#
+# Self-contained for a machine without network, wandb, datasets or deepspeed. Data: the embedded Korean
+# sample (`python prepare.py --dataset sample`), whose real tokens are tiled into larger shards so the
+# base batch and the validation pass have enough windows; throughput does not depend on the text. The
+# vocabulary is therefore the sample tokenizer's (~4,600 ids), not the 32,000 of a real base run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LOG="${OUT:-bench/results/gpu_check}"
+STEPS="${STEPS:-200}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$LOG"
+
+{ nvidia-smi || true; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
+    > "$LOG/machine.txt" 2>&1
+cat "$LOG/machine.txt"
+
+echo "== data: embedded sample, tokens tiled to 16M train / 1M val"
+python prepare.py --dataset sample --out "$WORK/sample" > "$LOG/prepare.log" 2>&1
+python - "$WORK/sample" "$WORK/data" <<'EOF'
+import shutil, sys
+from pathlib import Path
+import numpy as np
+from nanokor.shards import ShardWriter, read_meta, read_shard, shard_paths, write_meta
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
+meta = read_meta(src)
+sha, vocab = meta["tokenizer"]["sha256"], meta["tokenizer"]["vocab_size"]
+meta["shards"] = {}
+for split, n in (("train", 16_000_000), ("val", 1_000_000)):
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(src, split)])
+    writer = ShardWriter(dst, split, shard_tokens=n, vocab_size=vocab, tokenizer_sha=sha)
+    writer.write(np.resize(tokens, n))
+    meta["shards"][split] = writer.close()
+meta["note"] = "gpu_check: the embedded sample's tokens, tiled"
+write_meta(dst, meta)
+EOF
+
+run() {  # name, then train.py flags
+    local name="$1"; shift
+    echo "== $name"
+    if timeout 300 python train.py config/base.py --data_dir="$WORK/data" --out_dir="$WORK/out-$name" \
+        --max_steps="$STEPS" --eval_interval="$STEPS" --eval_tokens=262144 --keep_best=0 --sample_tokens=32 \
+        --wandb_mode=disabled "$@" ${EXTRA:-} > "$LOG/$name.log" 2>&1; then
+        cp "$WORK/out-$name/metrics.jsonl" "$LOG/$name.metrics.jsonl"
+    else
+        echo "   failed (exit $?); last lines of $LOG/$name.log:"; tail -n 15 "$LOG/$name.log"
+    fi
+}
+
+run sdpa-compile --attention=sdpa --compile=true
+if python -c "import flash_attn" 2>/dev/null; then
+    run flash-compile --attention=flash --compile=true
+else
+    echo "== flash-compile: skipped (flash_attn is not installed)"
+fi
+run sdpa-eager --attention=sdpa --compile=false --max_steps="$(( STEPS / 2 ))" --eval_interval="$(( STEPS / 2 ))"
+
+python - "$LOG" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+log = Path(sys.argv[1])
+rows = []
+for name in ("sdpa-compile", "flash-compile", "sdpa-eager"):
+    path = log / f"{name}.metrics.jsonl"
+    if not path.is_file():
+        continue
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    timed = steps[len(steps) // 5:]  # the first fifth holds compilation and warm-up
+    val = [r for r in records if "val_loss" in r]
+    rows.append({"run": name, "steps": len(steps),
+                 "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
+                 "step_ms": 1e3 * statistics.median(r["step_time"] for r in timed),
+                 "mfu": statistics.median(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
+                 "peak_mem_gb": max(r["mem_gb"] for r in steps),
+                 "final_loss": steps[-1]["loss"], "val_loss": val[-1]["val_loss"] if val else None})
+(log / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+print(f"\n{'run':<14} {'steps':>5} {'tokens/s':>11} {'step ms':>8} {'MFU':>6} {'peak GB':>8} {'loss':>6}")
+for r in rows:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    print(f"{r['run']:<14} {r['steps']:>5} {r['tokens_per_sec']:>11,.0f} {r['step_ms']:>8.1f} {mfu:>6} "
+          f"{r['peak_mem_gb']:>8.1f} {r['final_loss']:>6.2f}")
+print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})")
+EOF
