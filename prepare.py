@@ -15,6 +15,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def run(args, argv: list[str]) -> dict:
             bar.update(n_bytes)
             bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
-        result = encode_to_shards(corpus.documents(), tokenizer, staging, val_fraction=val_fraction,
+        result = encode_to_shards(corpus.tasks(), tokenizer, staging, val_fraction=val_fraction,
                                   shard_tokens=args.shard_tokens, num_proc=num_proc, progress=progress)
     seconds = time.time() - t0
     splits = result["splits"]
@@ -175,7 +176,7 @@ def run(args, argv: list[str]) -> dict:
         "command": shlex.join(["python", "prepare.py", *argv]),
         "corpus": {**corpus.info, "max_docs": args.max_docs, "max_bytes": args.max_bytes},
         "val_fraction": val_fraction,
-        "cleaning": {**result["cleaning"], **corpus.counts},
+        "cleaning": dict(Counter(result["cleaning"]) + corpus.counts),  # read problems: workers' and ours
         "splits": splits,
         "tokenizer": {"file": "tokenizer.model", "token_bytes": "token_bytes.npy", "sha256": tokenizer.sha256,
                       "vocab_size": tokenizer.vocab_size, **tokenizer_info},

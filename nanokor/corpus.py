@@ -6,24 +6,31 @@ Three sources, one shape (an iterator of `str`, one per document):
     by a blank line), given as globs;
   - the Korean sample shipped in `nanokor/data/sample/*.txt` (quickstart and tests).
 
-Documents come out raw; `normalize` is applied later, inside the tokenizer worker processes, so
-that the single reading process stays cheap. Every source is re-iterable and deterministic: prepare
-reads it twice (once for the tokenizer sample, once for the shards) and must see the same documents.
+Documents come out raw; `normalize` is applied later, inside the tokenizer worker processes.
+Local files are also *read* there: they are cut into parts (`Corpus.tasks`) that each worker reads by
+itself, so text is decoded where it is tokenized and never passes through one reading process or a
+pipe. Every source is re-iterable and deterministic: prepare reads it twice (once for the tokenizer
+sample, once for the shards) and must see the same documents.
 """
 
+import functools
 import glob
 import json
+import math
 import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 HF_DATASET = "maywell/korean_textbooks"
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 HUB_PROBE_TIMEOUT_S = 10.0
+PART_BYTES = 4_000_000  # text per unit of work: ~0.5 s of tokenizing, many per worker so none sits idle at the end
+BATCH_CHARS = 1 << 16  # documents read in this process are sent to the workers in batches this size
 
 
 class DataError(Exception):
@@ -54,13 +61,28 @@ def normalize(text: str, counts: Counter | None = None) -> str:
     return nfc
 
 
+@dataclass(frozen=True)
+class Documents:
+    """Documents already read in this process, as a unit of work for the encoder's workers."""
+
+    texts: list[str]
+
+    def read(self, counts: Counter) -> Iterator[str]:
+        return iter(self.texts)
+
+
 @dataclass
 class Corpus:
-    """A named, re-iterable document source. `info` describes it for meta.json."""
+    """A named, re-iterable document source. `info` describes it for meta.json.
+
+    `read(counts)` streams the raw documents in order; `parts()`, for local files, lists pieces of
+    the source that can each be read on their own (by a worker process) and together read the same.
+    """
 
     name: str
     info: dict
     read: Callable[[Counter], Iterator[str]]
+    parts: Callable[[], Iterator] | None = None
     max_docs: int | None = None
     max_bytes: int | None = None
     counts: Counter = field(default_factory=Counter)
@@ -82,6 +104,31 @@ class Corpus:
             n_docs += 1
             yield text
 
+    def tasks(self) -> Iterator:
+        """The documents as units of work for the encoder, in source order; each has `read(counts)`.
+
+        Local files come as parts that the workers read themselves, counting read problems in their
+        own tallies. The Hugging Face stream, and a run capped by --max-docs/--max-bytes (where the cut
+        depends on every document before it), are read here and sent as batches of `Documents`.
+        """
+        if self.parts is None or self.max_docs is not None or self.max_bytes is not None:
+            yield from map(Documents, _batches(self.documents(), BATCH_CHARS))
+            return
+        self.counts.clear()
+        yield from self.parts()
+
+
+def _batches(docs: Iterable[str], chars_per_batch: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= chars_per_batch:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
 
 def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[str] | None = None,
                 text_column: str = "text", max_docs: int | None = None,
@@ -89,16 +136,14 @@ def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[s
     """Resolve the command-line choice of source into a Corpus (fails early on bad input)."""
     if data_files:
         paths = _expand_globs(data_files)
-        corpus = Corpus(_name_from_globs(data_files), {"source": "files", "data_files": list(data_files),
-                        "files": [str(p) for p in paths], "text_column": text_column},
-                        lambda counts: _read_files(paths, text_column, counts))
+        corpus = _files_corpus(_name_from_globs(data_files), {"source": "files", "data_files": list(data_files),
+                               "files": [str(p) for p in paths], "text_column": text_column}, paths, text_column)
     elif dataset == "sample":
         paths = sorted(SAMPLE_DIR.glob("*.txt"))
         if not paths:
             raise DataError(f"The embedded Korean sample is missing: no .txt files in {SAMPLE_DIR}. "
                             "Reinstall nanokor from a full checkout, or pass your own text with --data-files.")
-        corpus = Corpus("sample", {"source": "sample", "files": [p.name for p in paths]},
-                        lambda counts: _read_files(paths, text_column, counts))
+        corpus = _files_corpus("sample", {"source": "sample", "files": [p.name for p in paths]}, paths, text_column)
     elif dataset == "hf":
         names = _hf_subsets(subsets)
         corpus = Corpus(HF_DATASET.split("/")[-1], {"source": "hf", "dataset": HF_DATASET, "subsets": names,
@@ -125,7 +170,7 @@ def _expand_globs(patterns: list[str]) -> list[Path]:
                             f"{os.getcwd()}). Quote the glob so the shell does not expand it, e.g. "
                             "--data-files 'corpus/*.parquet'; parquet, jsonl and txt are read.")
         for p in found:
-            if _reader_for(p) is None:
+            if p.suffix.lower() not in _PARTS:
                 raise DataError(f"Cannot read {p}: --data-files takes .parquet, .jsonl (one JSON object per "
                                 "line) and .txt (documents separated by a blank line).")
         paths += [p for p in found if p not in paths]
@@ -140,14 +185,12 @@ def _name_from_globs(patterns: list[str]) -> str:
     return "custom"
 
 
-def _reader_for(path: Path):
-    suffix = path.suffix.lower()
-    return {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".txt": _read_txt}.get(suffix)
+def _files_corpus(name: str, info: dict, paths: list[Path], column: str) -> Corpus:
+    def parts() -> Iterator:
+        for path in paths:
+            yield from _PARTS[path.suffix.lower()](path, column)
 
-
-def _read_files(paths: list[Path], text_column: str, counts: Counter) -> Iterator[str]:
-    for path in paths:
-        yield from _reader_for(path)(path, text_column, counts)
+    return Corpus(name, info, lambda counts: chain.from_iterable(part.read(counts) for part in parts()), parts)
 
 
 def _decode(raw: bytes, counts: Counter) -> str:
@@ -159,16 +202,20 @@ def _decode(raw: bytes, counts: Counter) -> str:
         return raw.decode("utf-8", "replace")
 
 
-def _read_parquet(path: Path, column: str, counts: Counter) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class ParquetPart:
+    """Rows [start, stop) of one row group of a parquet file."""
 
-    pf = pq.ParquetFile(path)
-    if column not in pf.schema_arrow.names:
-        raise DataError(f"{path} has no column {column!r}; its columns are {pf.schema_arrow.names}. "
-                        "Pick the text column with --text-column.")
-    for batch in pf.iter_batches(batch_size=256, columns=[column]):  # small reads keep workers fed
-        values = batch.column(0)
+    path: Path
+    column: str
+    row_group: int
+    start: int
+    stop: int
+
+    def read(self, counts: Counter) -> Iterator[str]:
+        import pyarrow as pa
+
+        values = _row_group(self.path, self.row_group, self.column).slice(self.start, self.stop - self.start)
         try:
             texts = values.to_pylist()
         except UnicodeDecodeError:  # a "string" column holding invalid UTF-8: decode it ourselves
@@ -179,46 +226,116 @@ def _read_parquet(path: Path, column: str, counts: Counter) -> Iterator[str]:
             yield text or ""
 
 
-def _read_jsonl(path: Path, field_name: str, counts: Counter) -> Iterator[str]:
+@functools.lru_cache(maxsize=1)
+def _row_group(path: Path, index: int, column: str):
+    """One row group's column. Parquet decodes no less, so it is kept in case this process also reads
+    the next slice of the group."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read_row_group(index, columns=[column], use_threads=False).column(0)
+
+
+def _parquet_parts(path: Path, column: str) -> Iterator[ParquetPart]:
+    """Row groups, cut into even slices of about PART_BYTES (judged by their uncompressed size)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if column not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {column!r}; its columns are {pf.schema_arrow.names}. "
+                        "Pick the text column with --text-column.")
+    for i in range(pf.num_row_groups):
+        group = pf.metadata.row_group(i)
+        rows = max(1, math.ceil(group.num_rows / math.ceil(group.total_byte_size / PART_BYTES or 1)))
+        for start in range(0, group.num_rows, rows):
+            yield ParquetPart(path, column, i, start, min(start + rows, group.num_rows))
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """Bytes [start, stop) of a jsonl or txt file; no document crosses either end (see `_text_parts`)."""
+
+    path: Path
+    column: str
+    start: int
+    stop: int
+
+    def read(self, counts: Counter) -> Iterator[str]:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            lines = _lines_until(f, self.stop)
+            if self.path.suffix.lower() == ".jsonl":
+                yield from _jsonl_docs(lines, self.path, self.column, counts, first_in_file=self.start == 0)
+            else:
+                yield from _txt_docs(lines, counts)
+
+
+def _text_parts(path: Path, column: str) -> Iterator[TextPart]:
+    """Cuts about every PART_BYTES, moved on to the next place no document crosses: the start of a
+    line in jsonl; in txt, the end of a blank line (documents are separated by blank lines)."""
+    size, is_txt = path.stat().st_size, path.suffix.lower() == ".txt"
+    start = 0
     with open(path, "rb") as f:
-        first = True
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(_decode(raw, counts))
-            except json.JSONDecodeError:
-                counts["bad_jsonl_lines"] += 1
-                continue
-            text = record.get(field_name) if isinstance(record, dict) else None
-            if text is None and first:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{line_no} has no field {field_name!r} (it has {keys}). "
-                                "Pick the text field with --text-column.")
-            first = False
-            if not isinstance(text, str):
-                counts["missing_text"] += 1
-                continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
-                counts["invalid_utf8_docs"] += 1
-                text = _SURROGATE.sub("\ufffd", text)
-            yield text
+        while start < size:
+            f.seek(start + PART_BYTES)
+            f.readline()  # to the end of the line the cut fell in
+            while is_txt and f.readline().strip():
+                pass
+            stop = min(f.tell(), size)
+            yield TextPart(path, column, start, stop)
+            start = stop
 
 
-def _read_txt(path: Path, _column: str, counts: Counter) -> Iterator[str]:
+def _lines_until(f, stop: int) -> Iterator[bytes]:
+    """Lines of a binary file from its current position, up to byte offset `stop`."""
+    pos = f.tell()
+    while pos < stop and (line := f.readline()):
+        pos += len(line)
+        yield line
+
+
+def _jsonl_docs(lines: Iterable[bytes], path: Path, field_name: str, counts: Counter, *,
+                first_in_file: bool) -> Iterator[str]:
+    """One JSON object per line. If the file's first record lacks the field, the field name is wrong:
+    that is an error; later records without it are counted."""
+    for line_no, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(_decode(raw, counts))
+        except json.JSONDecodeError:
+            counts["bad_jsonl_lines"] += 1
+            continue
+        text = record.get(field_name) if isinstance(record, dict) else None
+        if text is None and first_in_file:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{line_no} has no field {field_name!r} (it has {keys}). "
+                            "Pick the text field with --text-column.")
+        first_in_file = False
+        if not isinstance(text, str):
+            counts["missing_text"] += 1
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
+            counts["invalid_utf8_docs"] += 1
+            text = _SURROGATE.sub("\ufffd", text)
+        yield text
+
+
+def _txt_docs(lines: Iterable[bytes], counts: Counter) -> Iterator[str]:
     """Documents are separated by one or more blank (whitespace-only) lines."""
-    lines: list[bytes] = []
-    with open(path, "rb") as f:
-        for raw in f:
-            if raw.strip():
-                lines.append(raw)
-            elif lines:
-                yield _decode(b"".join(lines).rstrip(b"\r\n"), counts)
-                lines = []
-    if lines:
-        yield _decode(b"".join(lines).rstrip(b"\r\n"), counts)
+    doc: list[bytes] = []
+    for raw in lines:
+        if raw.strip():
+            doc.append(raw)
+        elif doc:
+            yield _decode(b"".join(doc).rstrip(b"\r\n"), counts)
+            doc = []
+    if doc:
+        yield _decode(b"".join(doc).rstrip(b"\r\n"), counts)
+
+
+_PARTS = {".parquet": _parquet_parts, ".jsonl": _text_parts, ".txt": _text_parts}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from nanokor.corpus import DataError, normalize
 from nanokor.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -194,6 +195,7 @@ def split_of(key: int, val_fraction: float) -> str:
 
 
 _worker_tokenizer: Tokenizer | None = None
+_NUMPY_IDS = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")  # numpy output: sentencepiece 0.2.1+
 
 
 def _init_worker(model_bytes: bytes) -> None:
@@ -201,39 +203,37 @@ def _init_worker(model_bytes: bytes) -> None:
     _worker_tokenizer = Tokenizer(model_bytes)
 
 
-def _encode_docs(raw_docs: list[str]) -> dict:
-    """Worker: clean, hash, measure and tokenize a batch of raw documents."""
+def _encode_part(part) -> dict:
+    """Worker: read, clean, hash, measure and tokenize one unit of work (see `Corpus.tasks`)."""
     counts: Counter = Counter()
-    texts, keys, n_bytes, n_chars, n_hangul = [], [], [], [], []
-    for raw in raw_docs:
+    utf8s, keys, n_chars, n_hangul = [], [], [], []
+    for raw in part.read(counts):
         text = normalize(raw, counts)
-        if not text.strip():
+        if not text or text.isspace():
             counts["empty"] += 1
             continue
         utf8 = text.encode("utf-8")
         utf16 = np.frombuffer(text.encode("utf-16-le"), dtype=np.uint16)
-        texts.append(text)
+        utf8s.append(utf8)
         keys.append(doc_key(utf8))
-        n_bytes.append(len(utf8))
         n_chars.append(len(text))
-        n_hangul.append(int(np.count_nonzero((utf16 >= 0xAC00) & (utf16 <= 0xD7A3))))  # syllables 가..힣
-    ids = _worker_tokenizer.sp.encode(texts, num_threads=1)  # already NFC: skip encode_batch's pass
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=DTYPE, count=int(lengths.sum()))
-    return dict(keys=keys, lengths=lengths, tokens=tokens, bytes=n_bytes, chars=n_chars, hangul=n_hangul,
-                counts=counts)
+        n_hangul.append(int(np.count_nonzero(utf16 - np.uint16(0xAC00) <= 0xD7A3 - 0xAC00)))  # syllables 가..힣
+    lengths, tokens = _encode_ids(_worker_tokenizer.sp, utf8s)
+    return dict(keys=keys, lengths=lengths, tokens=tokens, bytes=list(map(len, utf8s)), chars=n_chars,
+                hangul=n_hangul, counts=counts)
 
 
-def _batches(docs: Iterable[str], chars_per_batch: int) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= chars_per_batch:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _encode_ids(sp, utf8s: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Token count of each document and all their tokens, as arrays. UTF-8 in, because SentencePiece
+    would otherwise convert every str again (the text is already NFC, so no encode_batch pass either)."""
+    if not utf8s:
+        return np.zeros(0, np.int64), np.zeros(0, DTYPE)
+    if _NUMPY_IDS:  # one buffer per document, no Python int per token
+        ids = sp.encode(utf8s, num_threads=1, out_type="numpy")
+        return np.fromiter(map(len, ids), np.int64, len(ids)), np.concatenate(ids).astype(DTYPE)
+    ids = sp.encode(utf8s, num_threads=1)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    return lengths, np.fromiter(chain.from_iterable(ids), DTYPE, int(lengths.sum()))
 
 
 def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
@@ -259,13 +259,15 @@ def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterato
             yield pending.popleft().get()
 
 
-def encode_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float,
-                     shard_tokens: int, num_proc: int, progress=None, chars_per_batch: int = 1 << 16) -> dict:
-    """Clean, deduplicate, split and tokenize raw documents into train/val shards in `out_dir`.
+def encode_to_shards(tasks: Iterable, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float,
+                     shard_tokens: int, num_proc: int, progress=None) -> dict:
+    """Read, clean, deduplicate, split and tokenize a corpus into train/val shards in `out_dir`.
 
-    Workers clean and encode batches in parallel; this process only dedups (a set of 64-bit keys,
-    ~70 bytes per document: the one thing that grows with the corpus), frames and writes. Returns
-    counts per split, cleaning counts and the shard list, for meta.json.
+    `tasks` are units of work in source order, each with `read(counts)` (see `Corpus.tasks`). Workers
+    read, clean and encode them in parallel; this process only dedups (a set of 64-bit keys, ~70
+    bytes per document: the one thing that grows with the corpus), frames and writes, taking results
+    in source order so that the first copy of a document is the one kept. Returns counts per split,
+    cleaning counts and the shard list, for meta.json.
     """
     writers = {s: ShardWriter(out_dir, s, shard_tokens=shard_tokens, vocab_size=tokenizer.vocab_size,
                               tokenizer_sha=tokenizer.sha256) for s in SPLITS}
@@ -273,8 +275,7 @@ def encode_to_shards(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | P
     cleaning: Counter = Counter()
     seen: set[int] = set()
     frame_bos, frame_eos = np.array([BOS_ID], DTYPE), np.array([EOS_ID], DTYPE)
-    results = _ordered_map(_encode_docs, _batches(docs, chars_per_batch), num_proc, _init_worker,
-                           (tokenizer.model_bytes,))
+    results = _ordered_map(_encode_part, tasks, num_proc, _init_worker, (tokenizer.model_bytes,))
     for r in results:
         cleaning.update(r["counts"])
         ends = np.cumsum(r["lengths"])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanokor import corpus
-from nanokor.corpus import SAMPLE_DIR, DataError, normalize, open_corpus
+from nanokor.corpus import SAMPLE_DIR, DataError, Documents, normalize, open_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,32 @@ def test_local_files_parquet_jsonl_txt(tmp_path):
     assert c.name == tmp_path.name and c.info["source"] == "files"
 
 
+def test_parts_read_the_same_documents_as_the_whole_files(tmp_path, monkeypatch):
+    _write_files(tmp_path)
+    pq.write_table(pa.table({"body": [f"{i}번 행" for i in range(50)]}), tmp_path / "d.parquet", row_group_size=20)
+    (tmp_path / "e.txt").write_text("".join(f"문서 {i}\n둘째 줄\n{' ' * (i % 3)}\n\n" for i in range(40)))
+    with open(tmp_path / "f.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": f"{i}번 줄"}, ensure_ascii=False) + "\n" for i in range(40))
+    c = open_corpus(data_files=[str(tmp_path / "*")], text_column="body")
+    whole, whole_counts = list(c.documents()), Counter(c.counts)
+    assert len(whole) == 9 + 50 + 40 + 40
+    monkeypatch.setattr(corpus, "PART_BYTES", 7)  # a cut every few bytes: in lines, in documents, in row groups
+    parts = list(c.parts())
+    assert len(parts) > 100
+    counts = Counter()
+    assert [d for part in parts for d in part.read(counts)] == whole and counts == whole_counts
+    assert list(c.tasks()) == parts and not c.counts  # the workers read and count
+
+
 def test_caps_on_documents_and_bytes(tmp_path):
     (tmp_path / "d.txt").write_text("\n\n".join(f"문서 {i}" for i in range(10)), encoding="utf-8")
     assert len(list(open_corpus(data_files=[str(tmp_path / "d.txt")], max_docs=3).documents())) == 3
     each = len("문서 0".encode())
     capped = list(open_corpus(data_files=[str(tmp_path / "d.txt")], max_bytes=4 * each).documents())
     assert capped == [f"문서 {i}" for i in range(4)]
+    # The cut depends on every document before it: a capped corpus is read here, not in parts.
+    tasks = list(open_corpus(data_files=[str(tmp_path / "d.txt")], max_docs=3).tasks())
+    assert tasks == [Documents(["문서 0", "문서 1", "문서 2"])]
 
 
 def test_bad_local_input_is_a_clear_error(tmp_path):

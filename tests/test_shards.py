@@ -3,10 +3,12 @@ import os
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from nanokor import shards
-from nanokor.corpus import DataError
+from nanokor import corpus, shards
+from nanokor.corpus import DataError, Documents, open_corpus
 from nanokor.shards import (HEADER_SIZE, ShardError, ShardWriter, doc_key, encode_to_shards, read_header,
                             read_shard, shard_paths, split_of, write_meta)
 from nanokor.tokenizer import Tokenizer
@@ -107,8 +109,8 @@ def test_encoder_cleans_dedups_splits_and_is_the_same_in_parallel(sample_data_di
     for num_proc in (1, 2):
         out = tmp_path / f"p{num_proc}"
         out.mkdir()
-        r = encode_to_shards(iter(raw), tok, out, val_fraction=0.1, shard_tokens=3000, num_proc=num_proc,
-                             chars_per_batch=2000)
+        tasks = [Documents(raw[i:i + 20]) for i in range(0, len(raw), 20)]
+        r = encode_to_shards(tasks, tok, out, val_fraction=0.1, shard_tokens=3000, num_proc=num_proc)
         write_meta(out, r)
         results[num_proc] = r
     assert results[1] == results[2]
@@ -126,3 +128,27 @@ def test_encoder_cleans_dedups_splits_and_is_the_same_in_parallel(sample_data_di
     assert r["splits"]["train"]["hangul"] == sum(sum("가" <= c <= "힣" for c in d) for d in train)
     assert [s["tokens"] for s in r["shards"]["train"]][:-1] == [3000] * (len(r["shards"]["train"]) - 1)
     assert os.path.getsize(tmp_path / "p1" / "train_000000.bin") == HEADER_SIZE + 2 * 3000
+
+
+def test_parts_read_in_workers_give_the_shards_of_documents_read_here(sample_data_dir, tmp_path, monkeypatch):
+    tok = Tokenizer.load(sample_data_dir / "tokenizer.model")
+    docs = [f"{i}번째 문서: 한국어 문장이 이어집니다." * (1 + i % 5) for i in range(300)]
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": docs[:120] + [docs[7], ""]}), src / "a.parquet", row_group_size=50)
+    pq.write_table(pa.table({"text": docs[120:200] + docs[:30]}), src / "b.parquet", row_group_size=25)
+    (src / "c.txt").write_bytes("\n\n".join(docs[200:] + docs[150:160]).encode() + b"\n\n\xff \xea\xb0\x80")
+    c = open_corpus(data_files=[str(src / "*")])
+    monkeypatch.setattr(corpus, "PART_BYTES", 2000)  # many parts, duplicates in other parts and files
+    results = {}
+    for name, tasks, num_proc in [("here", (Documents(list(c.documents())),), 1),
+                                  ("workers", c.tasks(), 2), ("one process", c.tasks(), 1)]:
+        (tmp_path / name).mkdir()
+        r = encode_to_shards(tasks, tok, tmp_path / name, val_fraction=0.1, shard_tokens=5000, num_proc=num_proc)
+        r["cleaning"] = dict(Counter(r["cleaning"]) + c.counts)
+        results[name] = r
+    assert results["here"] == results["workers"] == results["one process"]
+    assert results["here"]["cleaning"] == {"duplicates": 41, "empty": 1, "invalid_utf8_docs": 1}
+    for shard in results["here"]["shards"]["train"] + results["here"]["shards"]["val"]:
+        data = {name: (tmp_path / name / shard["file"]).read_bytes() for name in results}
+        assert data["here"] == data["workers"] == data["one process"]
