@@ -67,9 +67,7 @@ def train(cfg, env: Env) -> dict:
     # ---- resume: weights and optimizer, then the loader position and every RNG --------------
     state = {"step": 0, "tokens_seen": 0, "best": [], "val": None, "nonfinite_total": 0}
     if cfg.init_from == "resume":
-        state = engine.resume(out_dir)
-        loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"], env)
+        state = resume(engine, loader, out_dir, env)
     step, tokens_seen, val = state["step"], state["tokens_seen"], state["val"]
     nonfinite_total, nonfinite_run = state["nonfinite_total"], 0
     best = BestCheckpoints(out_dir, cfg.keep_best, state["best"])
@@ -169,13 +167,22 @@ def load_tokenizer(data_dir: Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def restore_rng(states: list, env: Env) -> None:
-    """Each rank continues its own random streams; a different world size cannot, so it reseeds."""
-    if len(states) == env.world_size:
-        set_rng_state(states[env.rank])
+def resume(engine, loader, out_dir: Path, env: Env) -> dict:
+    """Load weights and optimizer (last.pt, or DeepSpeed's own checkpoint), then the loader position and
+    every RNG, so the run continues exactly; returns the saved loop state (step, tokens seen, best-k)."""
+    state = engine.resume(out_dir)
+    try:
+        loader.load_state_dict(state["loader"])
+    except ValueError as e:
+        raise CheckpointError(f"Cannot resume from {out_dir}: {e} Resume with the data_dir, seed and block_size "
+                              "the run was started with.") from None
+    # Each rank continues its own random streams; another world size cannot, so it keeps the fresh seeds.
+    if len(state["rng"]) == env.world_size:
+        set_rng_state(state["rng"][env.rank])
     elif env.is_master:
-        print(f"warning: the checkpoint holds RNG states for {len(states)} processes, this run has "
+        print(f"warning: the checkpoint holds RNG states for {len(state['rng'])} processes, this run has "
               f"{env.world_size}; dropout masks will differ from an uninterrupted run.", file=sys.stderr)
+    return state
 
 
 def memory_gb(device: torch.device) -> float:

@@ -1,8 +1,9 @@
-# The CPU quickstart: a ~2M-parameter model on the embedded Korean sample, a few minutes on 2 cores.
+# The CPU quickstart: a 2M-parameter model on the embedded Korean sample, about a minute on 2 idle cores.
+# Validation loss falls from ~8.4 (uniform over the vocabulary) to ~5.9, a nat below the unigram entropy
+# (~7.0), and the samples turn into Korean-looking text.
 #   python prepare.py --dataset sample && python train.py config/tiny.py
 out_dir = "out/tiny"
 data_dir = "data/sample"
-device = "cpu"
 
 n_layer = 4
 n_head = 4
@@ -13,16 +14,16 @@ dropout = 0.1
 block_size = 128
 batch_size = 16
 grad_accum = 1
-max_steps = 600
+max_steps = 150  # ~7 epochs of the 46k-token sample; validation loss flattens from ~step 125 on
 
 schedule = "noam"
-warmup_steps = 100
-lr_factor = 0.5  # peak lr = 0.5 / sqrt(128 * 100) = 4.4e-3 at step 100
+warmup_steps = 50
+lr_factor = 0.5  # peak lr = 0.5 / sqrt(128 * 50) = 6.3e-3 at step 50
 weight_decay = 0.1
 grad_clip = 1.0
 label_smoothing = 0.0
 
-eval_interval = 100
+eval_interval = 25
 eval_tokens = 4096  # the sample's validation split holds ~6,700 tokens
 keep_best = 3
 sample_tokens = 48
