@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import nanokor
-from nanokor.corpus import DataError, normalize, open_corpus
+from nanokor.corpus import DataError, clean, open_corpus
 from nanokor.shards import doc_key, encode_to_shards, split_of, write_meta
 from nanokor.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
 
@@ -80,8 +80,7 @@ def tokenizer_sample(corpus, max_bytes: int, val_fraction: float) -> list[str]:
     so that compression measured on them is honest."""
     docs, seen, total = [], set(), 0
     for raw in corpus.documents():
-        text = normalize(raw)
-        utf8 = text.encode("utf-8")
+        text, utf8 = clean(raw)
         key = doc_key(utf8)
         if not text.strip() or key in seen or split_of(key, val_fraction) == "val":
             continue

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from nanokor.corpus import DataError, normalize
+from nanokor.corpus import DataError, clean
 from nanokor.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 MAGIC = b"NKSHARD\0"
@@ -208,11 +208,10 @@ def _encode_part(part) -> dict:
     counts: Counter = Counter()
     utf8s, keys, n_chars, n_hangul = [], [], [], []
     for raw in part.read(counts):
-        text = normalize(raw, counts)
+        text, utf8 = clean(raw, counts)
         if not text or text.isspace():
             counts["empty"] += 1
             continue
-        utf8 = text.encode("utf-8")
         utf16 = np.frombuffer(text.encode("utf-16-le"), dtype=np.uint16)
         utf8s.append(utf8)
         keys.append(doc_key(utf8))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanokor import corpus
-from nanokor.corpus import SAMPLE_DIR, DataError, Documents, normalize, open_corpus
+from nanokor.corpus import SAMPLE_DIR, DataError, Documents, clean, normalize, open_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,15 @@ def test_normalize_composes_hangul_and_strips_controls():
     assert counts == {"nfc_changed": 1, "control_chars_stripped": 1}
     clean = "이미 깨끗한 문장입니다."
     assert normalize(clean, counts) == clean and counts["nfc_changed"] == 1
+
+
+def test_clean_is_normalize_and_its_utf8():
+    texts = ["이미 깨끗한 문장입니다.", "가운뎃점·과 도°", "C1\x85 제어", "\x1b[0m", "줄\r\n바꿈", "탭\t줄\n",
+             unicodedata.normalize("NFD", "한글"), "\u00e9 \U0001f600 \ufffd", ""]
+    for text in texts:
+        counts, expected = Counter(), Counter()
+        assert clean(text, counts) == (normalize(text, expected), normalize(text).encode("utf-8"))
+        assert counts == expected
 
 
 def test_sample_source_reads_every_document():
