@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (100M: 200 MB files)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--num-proc", type=int, default=ALL_CORES,
-                   help=f"tokenizer worker processes (default: all cores, {ALL_CORES})")
+                   help=f"worker processes that read, clean and tokenize (default: all cores, {ALL_CORES})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for tokenizer training (the split depends on document content only)")
     return p

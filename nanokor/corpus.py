@@ -243,10 +243,12 @@ class ParquetPart:
 @functools.lru_cache(maxsize=1)
 def _row_group(path: Path, index: int, column: str):
     """One row group's column. Parquet decodes no less, so it is kept in case this process also reads
-    the next slice of the group."""
+    the next slice of the group. Read in this thread alone, outside pyarrow's thread pools: the encoder's
+    workers are forked from a process that may have used them."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).read_row_group(index, columns=[column], use_threads=False).column(0)
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    return pf.read_row_group(index, columns=[column], use_threads=False).column(0)
 
 
 def _parquet_parts(path: Path, column: str) -> Iterator[ParquetPart]:

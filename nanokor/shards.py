@@ -1,5 +1,5 @@
 """Token shards: the on-disk format, the (atomic) writer, the (validated) reader, and the parallel
-encoder that turns a document stream into train/val shards.
+encoder that turns a corpus into train/val shards.
 
 A shard is a 256-byte header followed by uint16 token ids (little-endian):
 
@@ -237,16 +237,17 @@ def _encode_ids(sp, utf8s: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
     """map(fn, items) over `num_proc` worker processes, in order, with at most 4 tasks per worker in
-    flight: enough queued work that a worker never waits on the reader (which reads in bursts), while
-    the reader never runs far ahead, so memory stays bounded for any corpus size."""
+    flight: enough queued work that a worker never waits on this process (reading the Hugging Face
+    stream in bursts, or writing), while results never pile up, so memory stays bounded for any corpus."""
     if num_proc <= 1:
         init(*init_args)
         yield from map(fn, items)
         return
     # fork starts workers in milliseconds; spawn re-imports everything in each (~1 s, a third of a small
-    # run). The workers touch only numpy and sentencepiece, never the threaded libraries the parent may
-    # hold (pyarrow, datasets, tqdm), the same bet `datasets.map(num_proc=...)` makes. Elsewhere (macOS,
-    # where fork is unsafe, and Windows) spawn.
+    # run). The workers touch numpy, sentencepiece and pyarrow's parquet reader without its thread pools
+    # (see corpus._row_group), never the threads the parent may hold (pyarrow's pools, datasets, tqdm),
+    # the same bet `datasets.map(num_proc=...)` makes. Elsewhere (macOS, where fork is unsafe, and
+    # Windows) spawn.
     method = "fork" if sys.platform == "linux" else "spawn"
     with mp.get_context(method).Pool(num_proc, init, init_args) as pool:
         pending = deque()
