@@ -1,17 +1,23 @@
 """How fast is prepare.py next to the tokenizer itself?
 
 Measures, on the same text and the same cores, in the same run (so a busy machine slows both):
-  raw      SentencePiece batch-encode of the corpus, already in memory (encode(texts, num_threads=N));
-  prepare  `prepare.py --data-files … --tokenizer …` end to end: read parquet, clean, dedup, split,
-           encode in N worker processes, write shards and meta.json.
+  raw      SentencePiece batch-encode of the corpus, NFC'd and already in memory
+           (encode(texts, num_threads=N)); also with numpy output, SentencePiece's fastest form;
+  prepare  `prepare.py --data-files … --tokenizer …` end to end, in this process: read parquet, clean,
+           dedup, split, encode in N worker processes, write shards and meta.json.
 Tokenizer training is excluded (done once, up front). Runs alternate and the medians are compared;
-the floor is prepare >= 0.8x raw. Prints a table and writes bench/results/prepare_speed.json.
+the floor is prepare >= 0.8x raw. Also checks that prepare wrote exactly the tokens raw encode made
+(for each distinct document, plus the <s> </s> framing). The load average is recorded: other work
+on the machine makes every number noisy, so compare runs made when it is low. Prints a table and
+writes bench/results/prepare_speed.json.
 
-    python bench/prepare_speed.py [--data ../shared/data/korean_corpus] [--num-proc N] [--repeats 3]
+    python bench/prepare_speed.py [--data ../shared/data/korean_corpus] [--num-proc N] [--repeats 5]
 """
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -26,6 +32,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanokor.corpus import normalize  # noqa: E402
+from nanokor.shards import read_meta  # noqa: E402
 from nanokor.tokenizer import train_tokenizer  # noqa: E402
 
 FLOOR = 0.8
@@ -38,13 +46,19 @@ def load_prepare():
     return module
 
 
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
 def main() -> None:
     prepare = load_prepare()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "korean_corpus",
                    help="directory of parquet files with a `text` column (default: ../shared/data/korean_corpus)")
     p.add_argument("--num-proc", type=int, default=prepare.ALL_CORES, help="processes and threads (default: all cores)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--tokenizer-sample-bytes", type=float, default=20e6)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prepare_speed.json")
@@ -53,7 +67,7 @@ def main() -> None:
     files = sorted(args.data.glob("*.parquet"))
     if not files:
         sys.exit(f"no parquet files in {args.data}; pass --data DIR")
-    texts = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+    texts = [normalize(t or "") for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     sample, size = [], 0
     for t in texts:
@@ -62,40 +76,52 @@ def main() -> None:
         sample.append(t)
         size += len(t.encode("utf-8"))
     tok = train_tokenizer(sample, vocab_size=args.vocab_size, num_threads=args.num_proc)
+    distinct = list({t: None for t in texts if t.strip()})  # what prepare keeps, in order
+    expected_tokens = sum(map(len, tok.sp.encode(distinct, num_threads=args.num_proc))) + 2 * len(distinct)
 
-    raw_s, prep_s = [], []
+    runs = {"raw": [], "raw_numpy": [], "prepare": []}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
         for i in range(args.repeats):
-            t0 = time.perf_counter()
-            ids = tok.sp.encode(texts, num_threads=args.num_proc)
-            raw_s.append(time.perf_counter() - t0)
+            seconds, ids = timed(lambda: tok.sp.encode(texts, num_threads=args.num_proc))
+            runs["raw"].append(seconds)
             n_tokens = sum(map(len, ids))
             del ids
-            t0 = time.perf_counter()
-            rc = prepare.main(["--data-files", *map(str, files), "--tokenizer", f"{tmp}/tokenizer.model",
-                               "--out", f"{tmp}/out{i}", "--num-proc", str(args.num_proc)])
-            prep_s.append(time.perf_counter() - t0)
+            runs["raw_numpy"].append(timed(lambda: tok.sp.encode(texts, num_threads=args.num_proc,
+                                                                 out_type="numpy"))[0])
+            out = f"{tmp}/out{i}"
+            argv = ["--data-files", *map(str, files), "--tokenizer", f"{tmp}/tokenizer.model", "--out", out,
+                    "--num-proc", str(args.num_proc)]
+            with contextlib.redirect_stdout(io.StringIO()):
+                seconds, rc = timed(lambda: prepare.main(argv))
+            runs["prepare"].append(seconds)
             assert rc == 0, "prepare.py failed"
+            written = sum(s["tokens"] for s in read_meta(out)["splits"].values())
+            assert written == expected_tokens, f"prepare wrote {written:,} tokens, raw encode made {expected_tokens:,}"
+            load.append(os.getloadavg()[0])
 
-    raw_mbs, prep_mbs = n_bytes / 1e6 / statistics.median(raw_s), n_bytes / 1e6 / statistics.median(prep_s)
-    ratio = prep_mbs / raw_mbs
-    rows = [("raw SentencePiece encode", raw_mbs, n_tokens / statistics.median(raw_s), raw_s),
-            ("prepare.py end to end", prep_mbs, n_tokens / statistics.median(prep_s), prep_s)]
+    median = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    ratio, ratio_numpy = median["raw"] / median["prepare"], median["raw_numpy"] / median["prepare"]
+    labels = {"raw": "raw encode (lists)", "raw_numpy": "raw encode (numpy)", "prepare": "prepare.py end to end"}
     print(f"\n{n_bytes / 1e6:.1f} MB, {len(texts):,} documents, {n_tokens:,} tokens, vocab {tok.vocab_size:,}, "
-          f"{args.num_proc} processes/threads, {args.repeats} alternating runs (median)")
-    print(f"{'':<26}{'MB/s':>8}{'Mtok/s':>9}   runs (s)")
-    for name, mbs, tps, runs in rows:
-        print(f"{name:<26}{mbs:>8.2f}{tps / 1e6:>9.2f}   {' '.join(f'{s:.2f}' for s in runs)}")
+          f"{args.num_proc} processes/threads, {args.repeats} alternating runs (median); "
+          f"load average {min(load):.2f}-{max(load):.2f} on {os.cpu_count()} cores")
+    print(f"{'':<24}{'MB/s':>8}{'Mtok/s':>9}   runs (s)")
+    for name, seconds in runs.items():
+        print(f"{labels[name]:<24}{n_bytes / 1e6 / median[name]:>8.2f}{n_tokens / 1e6 / median[name]:>9.2f}   "
+              f"{' '.join(f'{s:.2f}' for s in seconds)}")
     verdict = "PASS" if ratio >= FLOOR else "FAIL"
-    print(f"prepare / raw = {ratio:.2f}x  (floor {FLOOR}x: {verdict})")
+    print(f"prepare / raw = {ratio:.2f}x  (floor {FLOOR}x: {verdict});  prepare / raw numpy = {ratio_numpy:.2f}x")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "data": str(args.data), "bytes": n_bytes, "documents": len(texts), "tokens": n_tokens,
         "vocab_size": tok.vocab_size, "num_proc": args.num_proc, "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "raw_seconds": raw_s, "prepare_seconds": prep_s,
-        "raw_mb_per_s": raw_mbs, "prepare_mb_per_s": prep_mbs, "ratio": ratio, "floor": FLOOR, "verdict": verdict,
+        "machine": platform.platform(), "load_average": load, "raw_seconds": runs["raw"],
+        "raw_numpy_seconds": runs["raw_numpy"], "prepare_seconds": runs["prepare"],
+        "raw_mb_per_s": n_bytes / 1e6 / median["raw"], "prepare_mb_per_s": n_bytes / 1e6 / median["prepare"],
+        "ratio": ratio, "ratio_vs_numpy": ratio_numpy, "floor": FLOOR, "verdict": verdict,
     }, indent=2))
     print(f"wrote {args.out}")
 
