@@ -3,7 +3,7 @@
     python prepare.py --dataset sample && python train.py config/tiny.py   # CPU quickstart
     torchrun --standalone --nproc_per_node=8 train.py config/base.py        # one 8-GPU node
     python train.py config/tiny.py --deepspeed=config/ds_zero2.json         # DeepSpeed ZeRO-2
-    python train.py config/tiny.py --init_from=resume                       # continue out/last.pt
+    python train.py config/tiny.py --init_from=resume                       # continue out_dir/last.pt
 
 Config files are plain Python; any key can be overridden with --key=value (see nanokor/config.py).
 Writes to out_dir: config.json, metrics.jsonl, last.pt, best-<step>.pt and best.json.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nanokor.checkpoint import BestCheckpoints, CheckpointError, rng_state, save_checkpoint, set_rng_state
-from nanokor.config import ConfigError, format_config, load_config, model_config, save_config
+from nanokor.config import ConfigError, TrainConfig, format_config, load_config, model_config, save_config
 from nanokor.corpus import DataError
 from nanokor.distributed import (Env, StopSignal, all_reduce_sum, barrier, build_engine, gather_objects,
                                  init_distributed, shutdown)
@@ -37,7 +37,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(f"{__doc__}\nKeys and their defaults (meanings in nanokor/config.py):\n{format_config(TrainConfig())}")
+        return {}
+    cfg = load_config(argv)
     env = init_distributed(cfg.device, single_process_group=bool(cfg.deepspeed))
     try:
         return train(cfg, env)

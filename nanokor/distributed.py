@@ -108,7 +108,8 @@ def barrier() -> None:
 
 class StopSignal:
     """SIGINT/SIGTERM set a flag instead of killing the process, so the loop can finish its step and
-    save last.pt. torchrun forwards both signals to every worker and SIGKILLs them 30 s later."""
+    save last.pt. torchrun passes both signals on to every worker (and SIGKILLs them ~30 s later by
+    default), so each rank sees the flag; the loop all-reduces it so all ranks stop on the same step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
