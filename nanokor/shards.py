@@ -191,7 +191,12 @@ def doc_key(utf8: bytes) -> int:
 def split_of(key: int, val_fraction: float) -> str:
     """Which split a document belongs to, from its content alone: the same text always lands in the
     same split, whatever else is in the corpus and in whatever order it is read."""
-    return "val" if key % 1_000_000 < val_fraction * 1_000_000 else "train"
+    return "val" if _in_val(key, val_fraction) else "train"
+
+
+def _in_val(key, val_fraction: float):
+    """`split_of`'s rule, for one key or a uint64 array of them."""
+    return key % 1_000_000 < val_fraction * 1_000_000
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -216,10 +221,10 @@ def _encode_part(part) -> dict:
         utf8s.append(utf8)
         keys.append(doc_key(utf8))
         n_chars.append(len(text))
-        n_hangul.append(int(np.count_nonzero(utf16 - np.uint16(0xAC00) <= 0xD7A3 - 0xAC00)))  # syllables 가..힣
+        n_hangul.append(np.count_nonzero(utf16 - np.uint16(0xAC00) <= 0xD7A3 - 0xAC00))  # syllables 가..힣
     lengths, tokens = _encode_ids(_worker_tokenizer.sp, utf8s)
-    return dict(keys=keys, lengths=lengths, tokens=tokens, bytes=list(map(len, utf8s)), chars=n_chars,
-                hangul=n_hangul, counts=counts)
+    return dict(keys=keys, lengths=lengths, tokens=tokens, bytes=np.fromiter(map(len, utf8s), np.int64, len(utf8s)),
+                characters=np.array(n_chars, np.int64), hangul=np.array(n_hangul, np.int64), counts=counts)
 
 
 def _encode_ids(sp, utf8s: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -274,30 +279,47 @@ def encode_to_shards(tasks: Iterable, tokenizer: Tokenizer, out_dir: str | Path,
     stats = {s: Counter(documents=0, characters=0, bytes=0, hangul=0, tokens=0) for s in SPLITS}
     cleaning: Counter = Counter()
     seen: set[int] = set()
-    frame_bos, frame_eos = np.array([BOS_ID], DTYPE), np.array([EOS_ID], DTYPE)
     results = _ordered_map(_encode_part, tasks, num_proc, _init_worker, (tokenizer.model_bytes,))
     for r in results:
         cleaning.update(r["counts"])
-        ends = np.cumsum(r["lengths"])
-        parts = {s: [] for s in SPLITS}
-        for i, key in enumerate(r["keys"]):
-            if key in seen:
-                cleaning["duplicates"] += 1
+        new = _first_seen(r["keys"], seen)
+        cleaning["duplicates"] += len(new) - int(np.count_nonzero(new))
+        in_val = _in_val(np.array(r["keys"], np.uint64), val_fraction)
+        for split, keep in (("train", new & ~in_val), ("val", new & in_val)):
+            if not keep.any():
                 continue
-            seen.add(key)
-            split = split_of(key, val_fraction)
-            doc_tokens = r["tokens"][ends[i] - r["lengths"][i]:ends[i]]
-            parts[split] += [frame_bos, doc_tokens, frame_eos]
+            framed = _framed(r["tokens"], r["lengths"], keep)
+            writers[split].write(framed)
             st = stats[split]
-            st["documents"] += 1
-            st["characters"] += r["chars"][i]
-            st["bytes"] += r["bytes"][i]
-            st["hangul"] += r["hangul"][i]
-            st["tokens"] += len(doc_tokens) + 2
-        for split, arrays in parts.items():
-            if arrays:
-                writers[split].write(np.concatenate(arrays))
+            st["documents"] += int(np.count_nonzero(keep))
+            for name in ("characters", "bytes", "hangul"):
+                st[name] += int(r[name][keep].sum())
+            st["tokens"] += len(framed)
         if progress is not None:
-            progress(sum(r["bytes"]), int(r["lengths"].sum()))
+            progress(int(r["bytes"].sum()), int(r["lengths"].sum()))
     shards = {s: w.close() for s, w in writers.items()}
     return {"splits": {s: dict(c) for s, c in stats.items()}, "cleaning": dict(cleaning), "shards": shards}
+
+
+def _first_seen(keys: list[int], seen: set[int]) -> np.ndarray:
+    """Mask of the keys met for the first time (not in `seen`, nor earlier in `keys`); adds them to `seen`."""
+    new = np.zeros(len(keys), bool)
+    for i, key in enumerate(keys):
+        if key not in seen:
+            seen.add(key)
+            new[i] = True
+    return new
+
+
+def _framed(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The kept documents' tokens (`tokens` holds all documents', `lengths` long each), each framed as
+    <s> … </s>, back to back: one array, built without a loop over documents."""
+    n = lengths[keep]
+    eos = np.cumsum(n + 2) - 1
+    bos = eos - n - 1
+    out = np.empty(eos[-1] + 1, DTYPE)
+    out[bos], out[eos] = BOS_ID, EOS_ID
+    text = np.ones(len(out), bool)
+    text[bos] = text[eos] = False
+    out[text] = tokens[np.repeat(keep, lengths)]
+    return out
