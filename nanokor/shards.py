@@ -29,7 +29,6 @@ import sys
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +199,7 @@ def _in_val(key, val_fraction: float):
 
 
 _worker_tokenizer: Tokenizer | None = None
+_BOS, _EOS = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)  # framing, in SentencePiece's dtype
 _NUMPY_IDS = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")  # numpy output: sentencepiece 0.2.1+
 
 
@@ -209,7 +209,8 @@ def _init_worker(model_bytes: bytes) -> None:
 
 
 def _encode_part(part) -> dict:
-    """Worker: read, clean, hash, measure and tokenize one unit of work (see `Corpus.tasks`)."""
+    """Worker: read, clean, hash, measure and tokenize one unit of work (see `Corpus.tasks`). Returns
+    per document its key and measures, and all of its tokens as <s> … </s> runs back to back."""
     counts: Counter = Counter()
     utf8s, keys, n_chars, n_hangul = [], [], [], []
     for raw in part.read(counts):
@@ -222,22 +223,21 @@ def _encode_part(part) -> dict:
         keys.append(doc_key(utf8))
         n_chars.append(len(text))
         n_hangul.append(np.count_nonzero(utf16 - np.uint16(0xAC00) <= 0xD7A3 - 0xAC00))  # syllables 가..힣
-    lengths, tokens = _encode_ids(_worker_tokenizer.sp, utf8s)
-    return dict(keys=keys, lengths=lengths, tokens=tokens, bytes=np.fromiter(map(len, utf8s), np.int64, len(utf8s)),
-                characters=np.array(n_chars, np.int64), hangul=np.array(n_hangul, np.int64), counts=counts)
+    ids = _encode_ids(_worker_tokenizer.sp, utf8s)
+    framed = [run for doc in ids for run in (_BOS, doc, _EOS)]  # ids < vocab <= 65535: the cast below is exact
+    return dict(keys=keys, counts=counts,
+                ids=np.concatenate(framed, dtype=DTYPE, casting="unsafe") if framed else np.zeros(0, DTYPE),
+                tokens=np.fromiter(map(len, ids), np.int64, len(ids)) + 2,
+                bytes=np.fromiter(map(len, utf8s), np.int64, len(utf8s)),
+                characters=np.array(n_chars, np.int64), hangul=np.array(n_hangul, np.int64))
 
 
-def _encode_ids(sp, utf8s: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Token count of each document and all their tokens, as arrays. UTF-8 in, because SentencePiece
-    would otherwise convert every str again (the text is already NFC, so no encode_batch pass either)."""
-    if not utf8s:
-        return np.zeros(0, np.int64), np.zeros(0, DTYPE)
+def _encode_ids(sp, utf8s: list[bytes]) -> list[np.ndarray]:
+    """Each document's token ids, as an array. UTF-8 in, because SentencePiece would otherwise convert
+    every str again (the text is already NFC, so no encode_batch pass either)."""
     if _NUMPY_IDS:  # one buffer per document, no Python int per token
-        ids = sp.encode(utf8s, num_threads=1, out_type="numpy")
-        return np.fromiter(map(len, ids), np.int64, len(ids)), np.concatenate(ids).astype(DTYPE)
-    ids = sp.encode(utf8s, num_threads=1)
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    return lengths, np.fromiter(chain.from_iterable(ids), DTYPE, int(lengths.sum()))
+        return sp.encode(utf8s, num_threads=1, out_type="numpy")
+    return [np.array(doc, np.int32) for doc in sp.encode(utf8s, num_threads=1)]
 
 
 def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
@@ -286,17 +286,14 @@ def encode_to_shards(tasks: Iterable, tokenizer: Tokenizer, out_dir: str | Path,
         cleaning["duplicates"] += len(new) - int(np.count_nonzero(new))
         in_val = _in_val(np.array(r["keys"], np.uint64), val_fraction)
         for split, keep in (("train", new & ~in_val), ("val", new & in_val)):
-            if not keep.any():
-                continue
-            framed = _framed(r["tokens"], r["lengths"], keep)
-            writers[split].write(framed)
-            st = stats[split]
-            st["documents"] += int(np.count_nonzero(keep))
-            for name in ("characters", "bytes", "hangul"):
-                st[name] += int(r[name][keep].sum())
-            st["tokens"] += len(framed)
+            if keep.any():
+                writers[split].write(r["ids"] if keep.all() else r["ids"][np.repeat(keep, r["tokens"])])
+                st = stats[split]
+                st["documents"] += int(np.count_nonzero(keep))
+                for name in ("characters", "bytes", "hangul", "tokens"):
+                    st[name] += int(r[name][keep].sum())
         if progress is not None:
-            progress(int(r["bytes"].sum()), int(r["lengths"].sum()))
+            progress(int(r["bytes"].sum()), len(r["ids"]))
     shards = {s: w.close() for s, w in writers.items()}
     return {"splits": {s: dict(c) for s, c in stats.items()}, "cleaning": dict(cleaning), "shards": shards}
 
@@ -309,17 +306,3 @@ def _first_seen(keys: list[int], seen: set[int]) -> np.ndarray:
             seen.add(key)
             new[i] = True
     return new
-
-
-def _framed(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The kept documents' tokens (`tokens` holds all documents', `lengths` long each), each framed as
-    <s> … </s>, back to back: one array, built without a loop over documents."""
-    n = lengths[keep]
-    eos = np.cumsum(n + 2) - 1
-    bos = eos - n - 1
-    out = np.empty(eos[-1] + 1, DTYPE)
-    out[bos], out[eos] = BOS_ID, EOS_ID
-    text = np.ones(len(out), bool)
-    text[bos] = text[eos] = False
-    out[text] = tokens[np.repeat(keep, lengths)]
-    return out
