@@ -6,8 +6,8 @@ Three sources, one shape (an iterator of `str`, one per document):
     by a blank line), given as globs;
   - the Korean sample shipped in `nanokor/data/sample/*.txt` (quickstart and tests).
 
-Documents come out raw; `normalize` is applied later, inside the tokenizer worker processes.
-Local files are also *read* there: they are cut into parts (`Corpus.tasks`) that each worker reads by
+Documents come out raw; they are cleaned (`clean`) later, in the encoder's worker processes. Local
+files are also *read* there: they are cut into parts (`Corpus.tasks`) that each worker reads by
 itself, so text is decoded where it is tokenized and never passes through one reading process or a
 pipe. Every source is re-iterable and deterministic: prepare reads it twice (once for the tokenizer
 sample, once for the shards) and must see the same documents.
