@@ -7,9 +7,10 @@ Measures, on the same text and the same cores, in the same run (so a busy machin
            dedup, split, encode in N worker processes, write shards and meta.json.
 Tokenizer training is excluded (done once, up front). Runs alternate and the medians are compared;
 the floor is prepare >= 0.8x raw. Also checks that prepare wrote exactly the tokens raw encode made
-(for each distinct document, plus the <s> </s> framing). The load average is recorded: other work
-on the machine makes every number noisy, so compare runs made when it is low. Prints a table and
-writes bench/results/prepare_speed.json.
+(for each distinct document, plus the <s> </s> framing). Other work on the machine makes every
+number noisy, so each run also shows the share of the CPUs that other processes used meanwhile
+(from /proc/stat, Linux), and the load average is recorded: trust runs where both are low. Prints a
+table and writes bench/results/prepare_speed.json.
 
     python bench/prepare_speed.py [--data ../shared/data/korean_corpus] [--num-proc N] [--repeats 5]
 """
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -46,10 +48,26 @@ def load_prepare():
     return module
 
 
-def timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time used so far by the whole machine (nan where /proc/stat is missing) and by this process
+    with its finished children."""
+    try:
+        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except OSError:
+        machine = float("nan")
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return machine, own
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """Seconds fn took, the share of the CPUs other processes used meanwhile, and fn's result."""
+    (machine0, own0), t0 = cpu_seconds(), time.perf_counter()
     result = fn()
-    return time.perf_counter() - t0, result
+    seconds = time.perf_counter() - t0
+    machine, own = cpu_seconds()
+    return seconds, max(0.0, (machine - machine0) - (own - own0)) / (seconds * os.cpu_count()), result
 
 
 def main() -> None:
@@ -79,38 +97,38 @@ def main() -> None:
     distinct = list({t: None for t in texts if t.strip()})  # what prepare keeps, in order
     expected_tokens = sum(map(len, tok.sp.encode(distinct, num_threads=args.num_proc))) + 2 * len(distinct)
 
-    runs = {"raw": [], "raw_numpy": [], "prepare": []}
+    runs = {"raw": [], "raw_numpy": [], "prepare": []}  # (seconds, others' CPU share) per run
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
         for i in range(args.repeats):
-            seconds, ids = timed(lambda: tok.sp.encode(texts, num_threads=args.num_proc))
-            runs["raw"].append(seconds)
+            *run, ids = timed(lambda: tok.sp.encode(texts, num_threads=args.num_proc))
+            runs["raw"].append(run)
             n_tokens = sum(map(len, ids))
             del ids
             runs["raw_numpy"].append(timed(lambda: tok.sp.encode(texts, num_threads=args.num_proc,
-                                                                 out_type="numpy"))[0])
+                                                                 out_type="numpy"))[:2])
             out = f"{tmp}/out{i}"
             argv = ["--data-files", *map(str, files), "--tokenizer", f"{tmp}/tokenizer.model", "--out", out,
                     "--num-proc", str(args.num_proc)]
             with contextlib.redirect_stdout(io.StringIO()):
-                seconds, rc = timed(lambda: prepare.main(argv))
-            runs["prepare"].append(seconds)
+                *run, rc = timed(lambda: prepare.main(argv))
+            runs["prepare"].append(run)
             assert rc == 0, "prepare.py failed"
             written = sum(s["tokens"] for s in read_meta(out)["splits"].values())
             assert written == expected_tokens, f"prepare wrote {written:,} tokens, raw encode made {expected_tokens:,}"
             load.append(os.getloadavg()[0])
 
-    median = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    median = {name: statistics.median(seconds for seconds, _ in r) for name, r in runs.items()}
     ratio, ratio_numpy = median["raw"] / median["prepare"], median["raw_numpy"] / median["prepare"]
     labels = {"raw": "raw encode (lists)", "raw_numpy": "raw encode (numpy)", "prepare": "prepare.py end to end"}
     print(f"\n{n_bytes / 1e6:.1f} MB, {len(texts):,} documents, {n_tokens:,} tokens, vocab {tok.vocab_size:,}, "
           f"{args.num_proc} processes/threads, {args.repeats} alternating runs (median); "
           f"load average {min(load):.2f}-{max(load):.2f} on {os.cpu_count()} cores")
-    print(f"{'':<24}{'MB/s':>8}{'Mtok/s':>9}   runs (s)")
-    for name, seconds in runs.items():
+    print(f"{'':<24}{'MB/s':>8}{'Mtok/s':>9}   runs: seconds (share of the CPUs other processes used)")
+    for name, r in runs.items():
         print(f"{labels[name]:<24}{n_bytes / 1e6 / median[name]:>8.2f}{n_tokens / 1e6 / median[name]:>9.2f}   "
-              f"{' '.join(f'{s:.2f}' for s in seconds)}")
+              f"{' '.join(f'{seconds:.2f} ({others:.0%})' for seconds, others in r)}")
     verdict = "PASS" if ratio >= FLOOR else "FAIL"
     print(f"prepare / raw = {ratio:.2f}x  (floor {FLOOR}x: {verdict});  prepare / raw numpy = {ratio_numpy:.2f}x")
 
@@ -118,8 +136,9 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "data": str(args.data), "bytes": n_bytes, "documents": len(texts), "tokens": n_tokens,
         "vocab_size": tok.vocab_size, "num_proc": args.num_proc, "cpu_count": os.cpu_count(),
-        "machine": platform.platform(), "load_average": load, "raw_seconds": runs["raw"],
-        "raw_numpy_seconds": runs["raw_numpy"], "prepare_seconds": runs["prepare"],
+        "machine": platform.platform(), "load_average": load,
+        **{f"{name}_seconds": [seconds for seconds, _ in r] for name, r in runs.items()},
+        **{f"{name}_others_cpu_share": [others for _, others in r] for name, r in runs.items()},
         "raw_mb_per_s": n_bytes / 1e6 / median["raw"], "prepare_mb_per_s": n_bytes / 1e6 / median["prepare"],
         "ratio": ratio, "ratio_vs_numpy": ratio_numpy, "floor": FLOOR, "verdict": verdict,
     }, indent=2))
