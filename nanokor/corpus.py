@@ -263,7 +263,8 @@ def _parquet_parts(path: Path, column: str) -> Iterator[ParquetPart]:
                         "Pick the text column with --text-column.")
     for i in range(pf.num_row_groups):
         group = pf.metadata.row_group(i)
-        rows = max(1, math.ceil(group.num_rows / math.ceil(group.total_byte_size / PART_BYTES or 1)))
+        slices = max(1, math.ceil(group.total_byte_size / PART_BYTES))
+        rows = max(1, math.ceil(group.num_rows / slices))
         for start in range(0, group.num_rows, rows):
             yield ParquetPart(path, column, i, start, min(start + rows, group.num_rows))
 
