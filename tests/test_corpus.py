@@ -70,6 +70,7 @@ def test_local_files_parquet_jsonl_txt(tmp_path):
 def test_parts_read_the_same_documents_as_the_whole_files(tmp_path, monkeypatch):
     _write_files(tmp_path)
     pq.write_table(pa.table({"body": [f"{i}번 행" for i in range(50)]}), tmp_path / "d.parquet", row_group_size=20)
+    pq.write_table(pa.table({"body": pa.array([], pa.string())}), tmp_path / "d2.parquet")  # an empty row group
     (tmp_path / "e.txt").write_text("".join(f"문서 {i}\n둘째 줄\n{' ' * (i % 3)}\n\n" for i in range(40)))
     with open(tmp_path / "f.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"body": f"{i}번 줄"}, ensure_ascii=False) + "\n" for i in range(40))
