@@ -20,6 +20,8 @@ try:  # flash-attn is optional (CUDA only); SDPA is the fallback everywhere.
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
+# SDPA shares key/value heads itself from torch 2.5 on; older versions get them repeated explicitly.
+SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 POSITION_ENCODINGS = ("rope", "sinusoidal")
 
@@ -108,9 +110,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, T, H, D) by position; cos/sin are (T, D)."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    """Rotate x of shape (B, T, H, D) by position; cos/sin are (T, 1, D)."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
@@ -186,16 +187,23 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
         weights = None
         if self.backend == "math" or need_weights:
-            y, weights = math_attention(q, k, v, dropout_p)
-        elif q.size(2) == k.size(2):
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:  # decoding against a cache: SDPA's is_causal aligns top-left, so pass the mask
-            mask = None if q.size(2) == 1 else causal_mask(q.size(2), k.size(2), q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y, weights = math_attention(q, self._repeat_kv(k), self._repeat_kv(v), dropout_p)
+        else:
+            y = self._sdpa(q, k, v, dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), weights
+
+    def _sdpa(self, q, k, v, dropout_p):
+        gqa = {"enable_gqa": True} if SDPA_GQA and self.n_kv_head != self.n_head else {}
+        if not SDPA_GQA:
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        if q.size(2) == k.size(2):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
+        # Decoding against a cache: SDPA's is_causal aligns top-left, so pass the mask (one new token
+        # may see everything cached and needs none).
+        mask = None if q.size(2) == 1 else causal_mask(q.size(2), k.size(2), q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
 
     def _use_flash(self, q, kv_cache, need_weights) -> bool:
         return (self.backend in ("auto", "flash") and flash_attn_func is not None and q.is_cuda
@@ -298,7 +306,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)
         cos = sin = None
         if self.config.position == "rope":
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
         else:
             x = x + self.abs_pos[start:start + T].to(x.dtype)
         x = self.dropout(x)

@@ -88,8 +88,8 @@ def test_rope_scores_depend_only_on_relative_offset():
     q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
 
     def score(m, n):
-        qm = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1].double(), sin[m:m + 1].double())
-        kn = apply_rope(k.view(1, 1, 1, -1), cos[n:n + 1].double(), sin[n:n + 1].double())
+        qm = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1, None].double(), sin[m:m + 1, None].double())
+        kn = apply_rope(k.view(1, 1, 1, -1), cos[n:n + 1, None].double(), sin[n:n + 1, None].double())
         return (qm * kn).sum().item()
 
     for m, n in [(5, 2), (40, 9), (100, 100), (3, 70)]:
