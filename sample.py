@@ -1,8 +1,8 @@
 """Generate Korean text from a checkpoint, streamed token by token.
 
-    python sample.py --ckpt out/tiny/last.pt
-    python sample.py --ckpt out/tiny/last.pt --prompt "한국의 역사는" --max-new-tokens 200 --top-p 0.9
-    echo "옛날 옛적에" | python sample.py --ckpt out/tiny/last.pt --prompt-file -
+    python sample.py --ckpt out/last.pt
+    python sample.py --ckpt out/last.pt --prompt "한국의 역사는" --max-new-tokens 200 --top-p 0.9
+    echo "옛날 옛적에" | python sample.py --ckpt out/last.pt --prompt-file -
 
 The checkpoint carries the model config and the tokenizer, so nothing else is needed. Without a
 prompt the model starts from BOS alone (unconditional sampling). Notes go to stderr,
@@ -35,7 +35,7 @@ def _number(kind, low, high=None, low_open=False, text=""):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/tiny/last.pt")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: none, sample from BOS)")
     src.add_argument("--prompt-file", help="UTF-8 file holding the prompt, '-' for stdin (trailing newlines dropped)")

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(cfg, env: Env) -> dict:
     out_dir, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+    if cfg.init_from == "scratch" and (out_dir / "last.pt").exists():
+        raise ConfigError(f"{out_dir} already holds a run (last.pt); starting from scratch would overwrite its "
+                          "checkpoints and metrics. Continue it with --init_from=resume, train into another "
+                          f"directory with --out_dir=..., or delete {out_dir} to start over.")
     dtype = resolve_dtype(cfg.dtype, env.device)
     # DeepSpeed casts the model itself; otherwise bf16 is autocast over fp32 master weights.
     use_autocast = dtype == torch.bfloat16 and not cfg.deepspeed

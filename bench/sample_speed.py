@@ -7,7 +7,7 @@ both equally, and the fastest round is reported (on a shared machine noise only 
 measured: time to first token (prefill of a 512-token prompt plus one sampled token) at batch 1.
 
     python bench/sample_speed.py                       # a 6-layer, d=384 model on the sample tokenizer
-    python bench/sample_speed.py --ckpt out/tiny/last.pt    # a trained checkpoint
+    python bench/sample_speed.py --ckpt out/last.pt    # a trained checkpoint
 """
 
 import argparse

@@ -1,7 +1,6 @@
 # The real run: a ~160M-parameter model on 8 GPUs, Transformer-base style (Noam, label smoothing).
 #   python prepare.py                                          # maywell/korean_textbooks -> data/korean_textbooks
 #   torchrun --standalone --nproc_per_node=8 train.py config/base.py
-out_dir = "out/base"
 data_dir = "data/korean_textbooks"
 dtype = "bf16"  # autocast over fp32 master weights
 compile = True

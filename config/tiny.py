@@ -2,7 +2,6 @@
 # Validation loss falls from ~8.4 (uniform over the vocabulary) to ~5.9, a nat below the unigram entropy
 # (~7.0), and the samples turn into Korean-looking text.
 #   python prepare.py --dataset sample && python train.py config/tiny.py
-out_dir = "out/tiny"
 data_dir = "data/sample"
 
 n_layer = 4

@@ -6,7 +6,7 @@ control ids, byte length 0) are left out of both sums.
 
 The command line scores a checkpoint on any local text, tokenized with the checkpoint's tokenizer:
 
-    python -m nanokor.evaluate --ckpt out/tiny/last.pt --data-files 'texts/*.txt' --max-tokens 200000
+    python -m nanokor.evaluate --ckpt out/last.pt --data-files 'texts/*.txt' --max-tokens 200000
 """
 
 import argparse
@@ -103,7 +103,7 @@ def batches(rows, batch_size: int, seq_len: int, device, pad_id: int, progress):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.evaluate",
                                 description="Loss, perplexity and bits per byte of a checkpoint on any text.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/tiny/last.pt")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
     p.add_argument("--data-files", nargs="+", required=True,
                    help="globs of .txt (blank-line separated documents), .jsonl or .parquet files")
     p.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")

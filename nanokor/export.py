@@ -1,6 +1,6 @@
 """Hugging Face export: a directory `transformers` loads offline as LlamaForCausalLM + its tokenizer.
 
-    python -m nanokor.export --ckpt out/tiny/last.pt --out hf/
+    python -m nanokor.export --ckpt out/last.pt --out hf/
 
 nanokor's parameter names are Llama's, so the weights are a key rename; config.json is written from
 the model config, and tokenizer.json reproduces the SentencePiece model exactly. transformers is
@@ -202,7 +202,7 @@ def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32) -> list[Path
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.export",
                                 description="Export a nanokor checkpoint as a Hugging Face Llama directory.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/tiny/last.pt")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
     p.add_argument("--out", default="hf", help="output directory (default: hf/)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight dtype in model.safetensors (default: float32)")

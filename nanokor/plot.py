@@ -1,8 +1,8 @@
 """Plots for users without a wandb account: training curves from metrics.jsonl, and attention maps.
 
-    python -m nanokor.plot out/tiny/               # loss, bits per byte, LR vs step and tokens
-    python -m nanokor.plot out/tiny/ out/base/     # several runs overlaid
-    python -m nanokor.plot --attention --ckpt out/tiny/last.pt --text "한국어 문장" --layers 0,-1
+    python -m nanokor.plot out/               # loss, bits per byte, LR vs step and tokens
+    python -m nanokor.plot out/ out-gqa/     # several runs overlaid
+    python -m nanokor.plot --attention --ckpt out/last.pt --text "한국어 문장" --layers 0,-1
 
 matplotlib is an optional extra (pip install -e '.[plot]'), imported only when a figure is drawn.
 Curves tolerate what a live or older run leaves behind: missing keys, a half-written last line.
@@ -50,7 +50,7 @@ def read_metrics(run_dir) -> list[dict]:
     if not path.is_file():
         hint = "" if Path(run_dir).is_dir() else f" ({run_dir} is not a directory)"
         raise PlotError(f"No metrics.jsonl in {run_dir}{hint}. Pass the out directory of a training run "
-                        "(train.py writes metrics.jsonl there as it logs), e.g. python -m nanokor.plot out/tiny/.")
+                        "(train.py writes metrics.jsonl there as it logs), e.g. python -m nanokor.plot out/.")
     records, bad = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -252,7 +252,7 @@ def attention_figure(model, tokenizer, text: str, layers: str):
 
 def _load(ckpt_path):
     """Model and tokenizer of a checkpoint. Imported here: training curves need neither torch nor the
-    model, so `python -m nanokor.plot out/tiny/` starts fast."""
+    model, so `python -m nanokor.plot out/` starts fast."""
     from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
 
     try:
@@ -277,15 +277,15 @@ def main(argv=None) -> int:
         if args.attention:
             if not args.ckpt or args.text is None:
                 raise PlotError("--attention needs --ckpt and --text, e.g. python -m nanokor.plot --attention "
-                                "--ckpt out/tiny/last.pt --text \"한국어 문장입니다.\"")
+                                "--ckpt out/last.pt --text \"한국어 문장입니다.\"")
             fig, note = attention_figure(*_load(args.ckpt), args.text, args.layers)
             path = save(fig, args.out or Path(args.ckpt).with_name("attention.png"))
             if note:
                 print(f"note: {note}", file=sys.stderr)
         else:
             if not args.runs:
-                raise PlotError("Pass at least one training out directory, e.g. python -m nanokor.plot out/tiny/ "
-                                "(or --attention --ckpt out/tiny/last.pt --text ... for attention maps).")
+                raise PlotError("Pass at least one training out directory, e.g. python -m nanokor.plot out/ "
+                                "(or --attention --ckpt out/last.pt --text ... for attention maps).")
             fig = metrics_figure(args.runs)
             path = save(fig, args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
                                           else "metrics.png"))

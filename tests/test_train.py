@@ -154,12 +154,17 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(sample_data_dir, tmp_p
     assert max_diff(weights(tmp_path), good) == 0.0
 
 
-def test_resume_refuses_another_architecture_or_data_order(sample_data_dir, tmp_path):
+def test_resume_refuses_another_architecture_or_data_order_and_scratch_refuses_to_overwrite(sample_data_dir, tmp_path):
     run(sample_data_dir, tmp_path, "--max_steps=1")
     with pytest.raises(CheckpointError, match="d_model: checkpoint 32, config 64"):
         run(sample_data_dir, tmp_path, "--max_steps=2", "--init_from=resume", "--d_model=64")
     with pytest.raises(CheckpointError, match="seed"):
         run(sample_data_dir, tmp_path, "--max_steps=2", "--init_from=resume", "--seed=7")
+    # ...and starting from scratch over an existing run would overwrite it: refused, files untouched.
+    before = (tmp_path / "last.pt").stat().st_mtime_ns, (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(train.ConfigError, match="already holds a run.*--init_from=resume"):
+        run(sample_data_dir, tmp_path, "--max_steps=2")
+    assert before == ((tmp_path / "last.pt").stat().st_mtime_ns, (tmp_path / "metrics.jsonl").read_bytes())
 
 
 def _start(args, tmp_path, **kw) -> subprocess.Popen:
