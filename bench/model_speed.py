@@ -4,13 +4,14 @@ Both models get the identical shape and weights; each step is forward + backward
 tokens. fp32 and bf16 autocast run side by side, interleaved so machine noise hits both equally.
 Achieved FLOP/s (6N with the LM head, plus attention) is compared with a matmul peak measured in the
 same run, so the fraction says how close the whole step gets to what this machine's GEMMs can do.
+A third row runs nanokor under torch.compile (as `train.py --compile` does). Each configuration's
+fastest round is reported: on a shared machine noise only adds time.
 
     python bench/model_speed.py            # the issue's shape: vocab 8192, d 384, 6 layers, T 256, B 8
 """
 
 import argparse
 import json
-import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,8 +32,9 @@ def parse_args():
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the fastest is reported")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     p.add_argument("--out", default="bench/results/model_speed.json")
     return p.parse_args()
 
@@ -78,19 +80,17 @@ def hf_step(model):
     return step
 
 
-def time_steps(step, model, x, y, autocast, n: int) -> float:
-    """Seconds per training step (forward, backward, AdamW)."""
+def make_optimizer(model):
     if isinstance(model, Transformer):
-        opt = build_optimizer(model, lr=1e-4)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    for _ in range(2):  # warm-up: allocator, AdamW state
-        with autocast():
-            step(x, y)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    for _ in range(n):
+        return build_optimizer(model, lr=1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def time_steps(step, opt, x, y, autocast, n: int) -> float:
+    """Seconds per training step (forward, backward, AdamW), after a warm-up step."""
+    for i in range(n + 1):
+        if i == 1:
+            t0 = time.perf_counter()
         with autocast():
             step(x, y)
         opt.step()
@@ -108,21 +108,27 @@ def main():
     precisions = {"fp32": (torch.float32, nullcontext),
                   "bf16": (torch.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16))}
     runners = {"nanokor": (ours, nanokor_step(ours)), "transformers": (hf, hf_step(hf))}
+    if not args.no_compile:
+        runners["nanokor+compile"] = (ours, nanokor_step(torch.compile(ours)))
+    optimizers = {name: make_optimizer(model) for name, (model, _) in runners.items()}
+    for p, (_, autocast) in precisions.items():  # warm-up, and compile both precisions outside the timing
+        for name, (_, step) in runners.items():
+            time_steps(step, optimizers[name], x, y, autocast, 1)
 
     times = {(p, r): [] for p in precisions for r in runners}
     peaks = {p: [] for p in precisions}
     for _ in range(args.rounds):
         for p, (dtype, autocast) in precisions.items():
             peaks[p].append(matmul_peak(dtype))
-            for r, (model, step) in runners.items():
-                times[(p, r)].append(time_steps(step, model, x, y, autocast, args.steps))
+            for r, (_, step) in runners.items():
+                times[(p, r)].append(time_steps(step, optimizers[r], x, y, autocast, args.steps))
 
     rows = []
     for p in precisions:
         peak = max(peaks[p])
-        ref = statistics.median(times[(p, "transformers")])
+        ref = min(times[(p, "transformers")])
         for r in runners:
-            sec = statistics.median(times[(p, r)])
+            sec = min(times[(p, r)])
             rows.append({"precision": p, "impl": r, "step_s": sec, "tokens_per_s": B * T / sec,
                          "vs_transformers": ref / sec, "achieved_gflops": flops_per_step / sec / 1e9,
                          "matmul_peak_gflops": peak / 1e9, "fraction_of_peak": flops_per_step / sec / peak})
@@ -131,12 +137,12 @@ def main():
           f"heads {config.n_head}, d_ff {config.d_ff}, T {T}, batch {B}; "
           f"{ours.flops_per_token(T) / 1e6:.1f} MFLOP/token; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    header = f"{'precision':<9} {'impl':<13} {'step ms':>8} {'tokens/s':>9} {'vs HF':>6} {'GFLOP/s':>8} " \
+    header = f"{'precision':<9} {'impl':<16} {'step ms':>8} {'tokens/s':>9} {'vs HF':>6} {'GFLOP/s':>8} " \
              f"{'peak':>7} {'of peak':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['precision']:<9} {r['impl']:<13} {r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9.0f} "
+        print(f"{r['precision']:<9} {r['impl']:<16} {r['step_s'] * 1e3:>8.1f} {r['tokens_per_s']:>9.0f} "
               f"{r['vs_transformers']:>6.2f} {r['achieved_gflops']:>8.1f} {r['matmul_peak_gflops']:>7.1f} "
               f"{r['fraction_of_peak']:>8.1%}")
     out = Path(args.out)
