@@ -152,6 +152,7 @@ def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[s
     """Resolve the command-line choice of source into a Corpus (fails early on bad input)."""
     if data_files:
         paths = _expand_globs(data_files)
+        _check_parquet_columns(paths, text_column)
         corpus = _files_corpus(_name_from_globs(data_files), {"source": "files", "data_files": list(data_files),
                                "files": [str(p) for p in paths], "text_column": text_column}, paths, text_column)
     elif dataset == "sample":
@@ -191,6 +192,21 @@ def _expand_globs(patterns: list[str]) -> list[Path]:
                                 "line) and .txt (documents separated by a blank line).")
         paths += [p for p in found if p not in paths]
     return paths
+
+
+def _check_parquet_columns(paths: list[Path], column: str) -> None:
+    """Every parquet file has the text column (its footer says). This also loads pyarrow before the
+    encoder forks its workers, so that they inherit it instead of each importing it."""
+    parquet = [path for path in paths if path.suffix.lower() == ".parquet"]
+    if not parquet:
+        return
+    import pyarrow.parquet as pq
+
+    for path in parquet:
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise DataError(f"{path} has no column {column!r}; its columns are {names}. "
+                            "Pick the text column with --text-column.")
 
 
 def _name_from_globs(patterns: list[str]) -> str:
@@ -258,9 +274,6 @@ def _parquet_parts(path: Path, column: str) -> Iterator[ParquetPart]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
-    if column not in pf.schema_arrow.names:
-        raise DataError(f"{path} has no column {column!r}; its columns are {pf.schema_arrow.names}. "
-                        "Pick the text column with --text-column.")
     for i in range(pf.num_row_groups):
         group = pf.metadata.row_group(i)
         slices = max(1, math.ceil(group.total_byte_size / PART_BYTES))

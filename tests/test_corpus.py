@@ -104,7 +104,7 @@ def test_bad_local_input_is_a_clear_error(tmp_path):
         open_corpus(data_files=[str(tmp_path / "x.csv")])
     pq.write_table(pa.table({"content": ["가"]}), tmp_path / "y.parquet")
     with pytest.raises(DataError, match="--text-column"):
-        list(open_corpus(data_files=[str(tmp_path / "y.parquet")]).documents())
+        open_corpus(data_files=[str(tmp_path / "y.parquet")])  # from its schema, before any reading
     (tmp_path / "z.jsonl").write_text('{"content": "가"}\n')
     with pytest.raises(DataError, match="--text-column"):
         list(open_corpus(data_files=[str(tmp_path / "z.jsonl")]).documents())
