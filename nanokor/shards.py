@@ -200,7 +200,7 @@ def _in_val(key, val_fraction: float):
 
 _worker_tokenizer: Tokenizer | None = None
 _BOS, _EOS = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)  # framing, in SentencePiece's dtype
-_NUMPY_IDS = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")  # numpy output: sentencepiece 0.2.1+
+_NUMPY_IDS = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")  # numpy output: recent sentencepiece (0.2.3)
 
 
 def _init_worker(model_bytes: bytes) -> None:
