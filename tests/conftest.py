@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from nanokor.tokenizer import Tokenizer
+from tiny_checkpoint import make_checkpoint
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -22,3 +25,15 @@ def sample_data_dir(tmp_path_factory) -> Path:
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sample_data_dir) -> Tokenizer:
+    """The tokenizer prepare.py trained on the embedded sample."""
+    return Tokenizer.load(sample_data_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random-weight checkpoint for that tokenizer (tests/tiny_checkpoint.py), one per test module."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", tokenizer)

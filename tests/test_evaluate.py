@@ -11,23 +11,13 @@ import torch.nn.functional as F
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import normalize, open_corpus
 from nanokor.evaluate import main, windows
-from nanokor.tokenizer import Tokenizer, train_tokenizer
+from nanokor.tokenizer import train_tokenizer
 
 from tiny_checkpoint import make_checkpoint
 
 DOCS = ["세종대왕은 훈민정음을 창제하였다.\n백성을 가르치는 바른 소리라는 뜻이다.",
         "드문 글자 뷁과 漢字, 그리고 숫자 2024도 바이트 단위로 센다.",
         "짧은 문서."]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sample_data_dir):
-    return Tokenizer.load(sample_data_dir / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer):
-    return make_checkpoint(tmp_path_factory.mktemp("eval") / "last.pt", tokenizer)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import open_corpus
 from nanokor.export import hf_tokenizer_json, main
 from nanokor.generate import generate
-from nanokor.tokenizer import Tokenizer, train_tokenizer
+from nanokor.tokenizer import train_tokenizer
 
 from tiny_checkpoint import make_checkpoint
 
@@ -20,11 +20,6 @@ KOREAN = ("세종대왕은 1443년에 훈민정음을 창제하였다. 백성을
           "  두 칸 띄어쓰기와 漢字, 드문 글자 뷁 똠얌꿍, emoji 😀 도 빠짐없이 토큰이 된다.")
 NFD = unicodedata.normalize("NFD", "한글 자모로 풀어 쓴 문장")  # nanokor's encode applies NFC first
 EDGE_CASES = ["", " ", "\n", "\n가", " 가", "가\n 나", "\t탭", "１２３ ＡＢＣ", "ㄱㄴㄷ 한ㄱ글", NFD, "<s>가</s>", "a  b   c"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sample_data_dir):
-    return Tokenizer.load(sample_data_dir / "tokenizer.model")
 
 
 def export_dir(tmp_path_factory, tokenizer, name, *extra_args, **overrides):

@@ -7,7 +7,6 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from nanokor.generate import (PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt, generate,
                               sample_next)
-from nanokor.tokenizer import Tokenizer
 
 from tiny_checkpoint import tiny_model
 
@@ -36,11 +35,6 @@ def run(model, idx, steps, **kw):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(VOCAB)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sample_data_dir):
-    return Tokenizer.load(sample_data_dir / "tokenizer.model")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])

@@ -10,7 +10,6 @@ from nanokor import plot
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.tokenizer import Tokenizer
 
-from tiny_checkpoint import make_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,12 +102,6 @@ def test_romanize_spells_hangul_syllables_and_leaves_the_rest():
     assert plot.romanize("훈민정음") == "hunminjeongeum"
     assert plot.romanize("_한글, ABC 123") == "_hangeul, ABC 123"
     assert plot.romanize("닭 값 꽃") == "dak gap kkot"  # double finals and tense initials
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, sample_data_dir):
-    tokenizer = Tokenizer.load(sample_data_dir / "tokenizer.model")
-    return make_checkpoint(tmp_path_factory.mktemp("plot") / "last.pt", tokenizer)
 
 
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")  # the stand-in font has no Hangul

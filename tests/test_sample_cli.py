@@ -11,9 +11,7 @@ import torch
 
 from nanokor.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanokor.generate import generate
-from nanokor.tokenizer import Tokenizer
 
-from tiny_checkpoint import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "세종대왕은 훈민정음을"
@@ -27,16 +25,6 @@ def load_sample_module():
 
 
 sample = load_sample_module()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sample_data_dir):
-    return Tokenizer.load(sample_data_dir / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer):
-    return make_checkpoint(tmp_path_factory.mktemp("sample") / "last.pt", tokenizer)
 
 
 def greedy_text(ckpt, tokenizer, prompt, n, **kw):
