@@ -8,7 +8,8 @@
 # Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step) three ways:
 # SDPA + torch.compile, flash-attn + torch.compile (only if flash_attn imports), and SDPA eager; then
 # prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
-# on one H100 with bf16 + compile.
+# on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager and
+# compiled against transformers' generate, bf16), unless SAMPLE=0.
 #
 # Self-contained for a machine without network, wandb, datasets or deepspeed. Data: the embedded Korean
 # sample (`python prepare.py --dataset sample`), whose real tokens are tiled into larger shards so the
@@ -98,3 +99,10 @@ for r in rows:
           f"{r['peak_mem_gb']:>8.1f} {r['final_loss']:>6.2f}")
 print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})")
 EOF
+
+if [ "${SAMPLE:-1}" = 1 ]; then
+    echo "== generation: bench/sample_speed.py on this GPU"
+    PYTHONPATH=. timeout 300 python bench/sample_speed.py --device cuda --out "$LOG/sample_speed.json" \
+        > "$LOG/sample_speed.log" 2>&1 || echo "   failed (exit $?)"
+    grep -v "Loading weights" "$LOG/sample_speed.log" | tail -n 12
+fi

@@ -2,9 +2,11 @@
 
 Both sides get the same weights (nanokor's export, loaded back with AutoModelForCausalLM), the same
 Korean prompt, the same number of new tokens and the same sampling (temperature 0.8, top-k 50; EOS
-ignored so every run makes exactly that many tokens). Runs are interleaved so machine noise hits
-both equally, and the fastest round is reported (on a shared machine noise only adds time). Also
-measured: time to first token (prefill of a 512-token prompt plus one sampled token) at batch 1.
+ignored so every run makes exactly that many tokens). nanokor runs eager and under torch.compile
+(dynamic shapes, as `sample.py --compile`; compilation happens in the warm-up and is reported
+apart). Runs are interleaved so machine noise hits all equally, and the fastest round is reported
+(on a shared machine noise only adds time). Also measured: time to first token (prefill of a
+512-token prompt plus one sampled token) at batch 1.
 
     python bench/sample_speed.py                       # a 6-layer, d=384 model on the sample tokenizer
     python bench/sample_speed.py --ckpt out/last.pt    # a trained checkpoint
@@ -42,6 +44,7 @@ def parse_args():
     p.add_argument("--ttft-prompt-tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=8,
                    help="interleaved rounds; the fastest is reported (noise only adds time)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--out", default="bench/results/sample_speed.json")
@@ -107,6 +110,8 @@ def main():
     generator = torch.Generator(device).manual_seed(0)
     torch.manual_seed(0)
     impls = {"nanokor": (ours, nanokor_decode), "transformers": (hf, hf_decode)}
+    if not args.no_compile:  # as `sample.py --compile` does
+        impls["nanokor+compile"] = (torch.compile(ours, dynamic=True), nanokor_decode)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompt = torch.tensor([korean_prompt(tokenizer, args.prompt_tokens)], device=device)
     long_prompt = torch.tensor([korean_prompt(tokenizer, args.ttft_prompt_tokens)], device=device)
@@ -114,8 +119,13 @@ def main():
     times = {(b, name): [] for b in batch_sizes for name in impls}
     ttft = {name: [] for name in impls}
     with torch.no_grad():
-        for name, (model, decode) in impls.items():  # warm-up: allocator, kernels, caches
-            decode(model, prompt.expand(max(batch_sizes), -1), 4, generator)
+        warmup = {}  # allocator, kernels, caches; compilation, for every shape timed below
+        for name, (model, decode) in impls.items():
+            t0 = time.perf_counter()
+            for b in batch_sizes:
+                decode(model, prompt.expand(b, -1), 4, generator)
+            decode(model, long_prompt, 1, generator)
+            warmup[name] = time.perf_counter() - t0
         for _ in range(args.rounds):
             for b in batch_sizes:
                 for name, (model, decode) in impls.items():
@@ -140,19 +150,20 @@ def main():
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"decode: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, sampling {SAMPLING}, "
           f"best of {args.rounds} interleaved rounds")
-    header = f"{'batch':>5} {'impl':<13} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9} {'speedup':>8}"
+    header = f"{'batch':>5} {'impl':<16} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['batch']:>5} {r['impl']:<13} {r['seconds']:>8.3f} {r['ms_per_step']:>8.2f} "
+        print(f"{r['batch']:>5} {r['impl']:<16} {r['seconds']:>8.3f} {r['ms_per_step']:>8.2f} "
               f"{r['tokens_per_s']:>9.1f} {r['speedup_vs_transformers']:>7.2f}x")
     print(f"time to first token, {args.ttft_prompt_tokens}-token prompt, batch 1: " +
           ", ".join(f"{name} {ms:.1f} ms" for name, ms in ttft_ms.items()))
+    print("warm-up (compilation included): " + ", ".join(f"{name} {sec:.1f} s" for name, sec in warmup.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "device": device.type, "dtype": str(dtype),
                                "torch": torch.__version__, "transformers": transformers.__version__,
-                               "decode": rows, "ttft_ms": ttft_ms}, indent=2))
+                               "decode": rows, "ttft_ms": ttft_ms, "warmup_s": warmup}, indent=2))
     print(f"wrote {out}")
 
 

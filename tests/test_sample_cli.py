@@ -62,6 +62,22 @@ def test_cli_verbatim_greedy_output_is_prompt_plus_the_generated_text(ckpt, toke
     assert proc.stdout == greedy_text(ckpt, tokenizer, PROMPT, 25) + "\n"
 
 
+def test_compile_flag_compiles_with_dynamic_shapes_and_keeps_the_output(ckpt, tokenizer, monkeypatch):
+    # Compiling for real costs ~30 s (the suite compiles once, in the training tests); here torch.compile
+    # is a spy, which shows the flag's wiring and that generation runs through what it returns.
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy)
+    code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--prompt", PROMPT, "--temperature", "0",
+                             "--max-new-tokens", "12", "--compile")
+    assert code == 0 and calls == [{"dynamic": True}]
+    assert text == greedy_text(ckpt, tokenizer, PROMPT, 12) + "\n"
+
+
 def test_prompt_from_stdin(ckpt, tokenizer, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((PROMPT + "\n").encode("utf-8"))))
     code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--prompt-file", "-", "--temperature", 0,
