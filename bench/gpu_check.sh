@@ -95,8 +95,9 @@ for name in ("sdpa-compile", "flash-compile", "sdpa-eager"):
 print(f"\n{'run':<14} {'steps':>5} {'tokens/s':>11} {'step ms':>8} {'MFU':>6} {'peak GB':>8} {'loss':>6}")
 for r in rows:
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    loss = f"{r['final_loss']:.2f}" if r["final_loss"] is not None else "nan"  # metrics.jsonl writes NaN as null
     print(f"{r['run']:<14} {r['steps']:>5} {r['tokens_per_sec']:>11,.0f} {r['step_ms']:>8.1f} {mfu:>6} "
-          f"{r['peak_mem_gb']:>8.1f} {r['final_loss']:>6.2f}")
+          f"{r['peak_mem_gb']:>8.1f} {loss:>6}")
 print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})")
 EOF
 

@@ -1,7 +1,8 @@
 """Run logging behind one small interface: `info`, `log`, `step`, `close`.
 
 Rank 0 gets a `Logger`: a tqdm bar (loss, lr, tokens/s), `metrics.jsonl` in the output directory
-(one JSON object per line, always written) and wandb when asked for. Every other rank gets a
+(one strict-JSON object per line, always written; a non-finite number is written as null) and wandb
+when asked for. A resumed run continues the same wandb run: its id is kept in `wandb_run_id`. Every other rank gets a
 `NullLogger`, so the loop never asks "am I rank 0?" before logging.
 
 wandb never stops a run: without the package or an API key it falls back (offline, or off), and an
@@ -9,8 +10,10 @@ online start that cannot reach the server within its timeout falls back to offli
 """
 
 import json
+import math
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -26,7 +29,7 @@ class Logger:
         self.path = out_dir / "metrics.jsonl"
         _drop_records_after(self.path, start_step)  # a resumed run rewrites the steps it repeats
         self.file = open(self.path, "a", encoding="utf-8")
-        self.wandb = start_wandb(cfg, run_config)
+        self.wandb = start_wandb(cfg, run_config, resuming=start_step > 0)
         self.total, self.start_step = cfg.max_steps, start_step
         self.bar = None  # opened at the first step, so the start-up messages print above it
 
@@ -41,7 +44,9 @@ class Logger:
 
     def log(self, record: dict) -> None:
         """One line of metrics.jsonl (and a wandb row): plain numbers and strings, keyed by step."""
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # NaN and Infinity are not JSON: strict readers (jq, JavaScript, most non-Python tools) reject them.
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(strict, ensure_ascii=False, allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
@@ -100,9 +105,9 @@ def _drop_records_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
-def start_wandb(cfg, run_config: dict):
+def start_wandb(cfg, run_config: dict, resuming: bool = False):
     """A wandb run, or None. auto = online when an API key is configured, else offline; the WANDB_MODE
-    environment variable decides for auto when it is set."""
+    environment variable decides for auto when it is set. A resumed run logs into the run it continues."""
     mode = cfg.wandb_mode
     if mode == "auto" and os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         mode = os.environ["WANDB_MODE"]
@@ -123,10 +128,22 @@ def start_wandb(cfg, run_config: dict):
         mode = "offline"
     elif mode == "auto":
         mode = "online"
+    run_id = wandb_run_id(Path(cfg.out_dir), resuming)
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
             return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config,
-                              dir=cfg.out_dir, mode=attempt, settings=wandb.Settings(init_timeout=30))
+                              dir=cfg.out_dir, mode=attempt, id=run_id, resume="allow",
+                              settings=wandb.Settings(init_timeout=30))
         except Exception as e:  # network and service errors come in many types; none may end the run
             warnings.warn(f"wandb could not start in {attempt} mode ({type(e).__name__}: {e}).")
     return None
+
+
+def wandb_run_id(out_dir: Path, resuming: bool) -> str:
+    """The wandb id of the run in out_dir: the saved one when resuming, else a fresh one, saved."""
+    path = out_dir / "wandb_run_id"
+    if resuming and path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id

@@ -43,9 +43,16 @@ def run(data_dir, out_dir, *args) -> dict:
     return train.main([*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *args])
 
 
+def strict_json(line: str):
+    """json.loads that refuses NaN and Infinity, as strict JSON readers do."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON: {line}")
+    return json.loads(line, parse_constant=refuse)
+
+
 def train_records(out_dir) -> dict[int, dict]:
     lines = (Path(out_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+    return {r["step"]: r for r in map(strict_json, lines) if "loss" in r}
 
 
 def weights(out_dir, name="last.pt") -> dict:
@@ -149,7 +156,7 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(sample_data_dir, tmp_p
             "--lr_factor=1e30", "--max_nonfinite=3")
     records = train_records(tmp_path)
     assert max(records) == 6 and records[6]["nonfinite_total"] == 3
-    assert not math.isfinite(records[4]["loss"]) and math.isfinite(records[3]["loss"])
+    assert records[4]["loss"] is None and math.isfinite(records[3]["loss"])  # NaN is written as null
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
     assert max_diff(weights(tmp_path), good) == 0.0
 
@@ -252,3 +259,25 @@ def test_wandb_without_a_key_falls_back_to_offline(sample_data_dir, tmp_path, mo
     with pytest.warns(UserWarning, match="no W&B API key"):
         run(sample_data_dir, tmp_path, "--max_steps=2", "--wandb_mode=online")
     assert list((tmp_path / "wandb").glob("offline-run-*")), "an offline run should have been written"
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(sample_data_dir, tmp_path, monkeypatch):
+    import wandb
+
+    inits = []
+
+    class FakeRun:
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: inits.append(kwargs) or FakeRun())
+    run(sample_data_dir, tmp_path, "--max_steps=1", "--wandb_mode=offline")
+    run(sample_data_dir, tmp_path, "--max_steps=2", "--wandb_mode=offline", "--init_from=resume")
+    first, resumed = inits
+    assert first["id"] and resumed["id"] == first["id"] and resumed["resume"] == "allow"
+    other = tmp_path / "another-run"
+    run(sample_data_dir, other, "--max_steps=1", "--wandb_mode=offline")
+    assert inits[2]["id"] != first["id"]
