@@ -143,7 +143,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     model.eval()
     try:
         cache = model.make_kv_cache(B, T + max_new_tokens, dtype=_cache_dtype(idx.device))
-        logits = model(idx, kv_cache=cache)[0][:, -1]
+        logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]
         penalize = repetition_penalty != 1.0
         if penalize:
             seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)

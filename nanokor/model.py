@@ -283,14 +283,18 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None,
-                label_smoothing: float = 0.0, reduction: str = "mean"):
+                label_smoothing: float = 0.0, reduction: str = "mean", last_only: bool = False):
         """Logits (B, T, vocab) and, with targets, the cross-entropy (ignore_index=-1).
 
         reduction='none' returns per-token losses of shape (B, T), which bits per byte needs.
         With a kv_cache, idx continues the cached sequence and the cache advances by T.
+        last_only=True returns the last position's logits alone, (B, 1, vocab): all that generation
+        needs after a prefill, where the LM head over a whole long prompt would cost as much as a layer.
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes one position's logits; a loss needs all of them.")
         x = self._hidden_states(idx, kv_cache)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

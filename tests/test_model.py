@@ -113,6 +113,21 @@ def test_kv_cache_decoding_reproduces_full_forward(overrides):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits_and_refuses_targets():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    idx = torch.randint(0, 301, (2, 30))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.make_kv_cache(batch_size=2)
+        last = model(idx[:, :20], kv_cache=cache, last_only=True)[0]  # a prefill, as generation does
+        after = model(idx[:, 20:21], kv_cache=cache)[0]
+    assert last.shape == (2, 1, 301) and torch.allclose(last, full[:, 19:20], atol=1e-5)
+    assert torch.allclose(after, full[:, 20:21], atol=1e-5)  # the cache advanced over the whole prompt
+    with pytest.raises(ValueError, match="a loss needs all of them"):
+        model(idx, idx, last_only=True)
+
+
 def test_sequence_longer_than_max_seq_len_is_refused_clearly():
     model = Transformer(tiny(max_seq_len=16)).eval()
     with pytest.raises(ValueError, match="max_seq_len"):
