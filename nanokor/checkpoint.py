@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanokor.model import ModelConfig, Transformer
+from nanokor.model import ModelConfig, Transformer, flash_attn_func
 
 FORMAT = "nanokor-checkpoint"
 FORMAT_VERSION = 1
@@ -95,7 +95,12 @@ def check_architecture(saved: dict, config: ModelConfig, where) -> None:
 
 def build_model(ckpt: dict) -> Transformer:
     """The model a checkpoint describes, with its weights loaded (on CPU, in eval mode)."""
-    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
+    saved = dict(ckpt["model_config"])
+    if saved.get("attention") == "flash" and flash_attn_func is None:
+        # The backend is how attention is computed, not what was learned: a model trained with
+        # flash-attn runs unchanged through SDPA on a machine without it.
+        saved["attention"] = "auto"
+    model = Transformer(ModelConfig.from_dict(saved))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -78,6 +78,18 @@ def test_compile_flag_compiles_with_dynamic_shapes_and_keeps_the_output(ckpt, to
     assert text == greedy_text(ckpt, tokenizer, PROMPT, 12) + "\n"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="needs a machine without flash-attn")
+def test_a_checkpoint_trained_with_flash_attn_samples_where_flash_attn_is_missing(ckpt, tokenizer, tmp_path,
+                                                                                 monkeypatch):
+    state = load_checkpoint(ckpt)
+    state["model_config"]["attention"] = "flash"  # as a GPU run with --attention=flash saves it
+    flash_ckpt = tmp_path / "flash.pt"
+    save_checkpoint(state, flash_ckpt)
+    code, text, _ = run_main(monkeypatch, "--ckpt", flash_ckpt, "--prompt", PROMPT, "--temperature", "0",
+                             "--max-new-tokens", "12")
+    assert code == 0 and text == greedy_text(ckpt, tokenizer, PROMPT, 12) + "\n"
+
+
 def test_prompt_from_stdin(ckpt, tokenizer, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((PROMPT + "\n").encode("utf-8"))))
     code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--prompt-file", "-", "--temperature", 0,
