@@ -99,8 +99,9 @@ MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout", "t
 
 
 def load_config(argv: list[str]) -> TrainConfig:
-    """Defaults, then each config file in order, then `--key=value` overrides; validated."""
-    values = {}
+    """Defaults, then each config file in order, then `--key=value` overrides (wherever they stand
+    on the command line: a flag before the file still wins); validated."""
+    values, flags = {}, {}
     for arg in argv:
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
@@ -108,10 +109,10 @@ def load_config(argv: list[str]) -> TrainConfig:
             _check_key(key, f"the command-line flag {arg}")
             if not sep and TYPES[key] is not bool:
                 raise ConfigError(f"--{key} needs a value: write --{key}=VALUE (only bool keys may be bare flags).")
-            values[key] = _parse(key, text) if sep else True
+            flags[key] = _parse(key, text) if sep else True
         else:
             values.update(_read_config_file(arg))
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**{**values, **flags})
     validate(cfg)
     return cfg
 
@@ -179,6 +180,10 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("the noam schedule needs warmup_steps > 0 (its peak is at step = warmup_steps)")
     if not 0 <= cfg.decay_frac <= 1:
         problems.append(f"decay_frac must be in [0, 1], got {cfg.decay_frac}")
+    if cfg.lr < 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.lr_factor <= 0 or cfg.eps <= 0:
+        problems.append("lr, min_lr and weight_decay must not be negative, lr_factor and eps must be positive")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        problems.append(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
     if problems:
         raise ConfigError("Invalid config: " + "; ".join(problems) + ". Fix the config file or pass --key=value.")
     try:

@@ -45,9 +45,18 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        problems = [f"{key} must be positive, got {getattr(self, key)}" for key in
+                    ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len") if getattr(self, key) <= 0]
+        if self.n_kv_head < 0:
+            problems.append(f"n_kv_head must be positive (or 0 for n_head), got {self.n_kv_head}")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.init_std < 0 or self.rope_theta <= 0:
+            problems.append("norm_eps and rope_theta must be positive and init_std not negative")
+        if problems:
+            raise ValueError("Invalid model config: " + "; ".join(problems) + ".")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        problems = []
         if self.d_model % self.n_head:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         elif (self.d_model // self.n_head) % 2:

@@ -25,6 +25,12 @@ def test_defaults_file_then_flags_in_order(tmp_path):
     assert cfg.batch_size == TrainConfig.batch_size  # untouched keys keep their defaults
 
 
+def test_a_flag_overrides_a_config_file_that_comes_after_it(tmp_path):
+    path = write(tmp_path, "batch_size = 16\nd_model = 64\nn_head = 2\n")
+    cfg = load_config(["--batch_size=32", path])
+    assert (cfg.batch_size, cfg.d_model) == (32, 64)
+
+
 @pytest.mark.parametrize("text,expected", [("true", True), ("1", True), ("yes", True), ("False", False),
                                            ("0", False), ("no", False)])
 def test_bool_spellings(text, expected):
@@ -45,6 +51,10 @@ def test_model_keys_become_a_model_config():
     (["--max_steps=0"], "max_steps must be positive"),
     (["--d_model=100", "--n_head=3"], "divisible by n_head"),
     (["--lr"], "--lr needs a value"),
+    (["--dropout=1.5"], "dropout must be in [0, 1)"),
+    (["--n_kv_head=-4"], "n_kv_head must be positive"),
+    (["--beta2=1"], "beta1 and beta2 must be in [0, 1)"),
+    (["--lr=-1"], "lr, min_lr and weight_decay must not be negative"),
     (["no/such/config.py"], "does not exist"),
 ])
 def test_bad_input_is_a_config_error(args, fragment):
