@@ -40,6 +40,16 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1000 ** " kmgt".index(m.group(2).lower() or " "))
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
@@ -66,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--val-fraction", type=float,
                      help="share of documents for validation, chosen by content hash "
                           f"(default {DEFAULT_VAL_FRACTION_OTHER}; 0.1 for the small sample)")
-    out.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (100M: 200 MB files)")
+    out.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard file (100M: 200 MB files)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--num-proc", type=int, default=ALL_CORES,
                    help=f"worker processes that read, clean and tokenize (default: all cores, {ALL_CORES})")
@@ -111,6 +121,19 @@ def staging_dir(out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
     staging.mkdir(parents=True)
     return staging
+
+
+def replace_dir(staging: Path, out: Path) -> None:
+    """Put the finished `staging` at `out`. An existing `out` is moved aside first and deleted last, so
+    an interruption leaves the old data whole (as `<out>.old` at worst), never a half-deleted mix."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)
 
 
 def run(args, argv: list[str]) -> dict:
@@ -186,9 +209,7 @@ def run(args, argv: list[str]) -> dict:
         "shards": result["shards"],
     }
     write_meta(staging, meta)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    replace_dir(staging, out)
     report(out, meta, seconds)
     return meta
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanokor.atomic import atomic_write
 from nanokor.model import ModelConfig, Transformer, flash_attn_func
 
 FORMAT = "nanokor-checkpoint"
@@ -30,30 +31,7 @@ class CheckpointError(Exception):
 
 def save_checkpoint(state: dict, path) -> None:
     """Atomically write `state` (plus the format tag) to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -142,7 +120,7 @@ class BestCheckpoints:
             if old["file"] not in kept:
                 (self.out_dir / old["file"]).unlink(missing_ok=True)
         self.entries = entries
-        (self.out_dir / "best.json").write_text(json.dumps(entries, indent=2) + "\n")
+        atomic_write(self.out_dir / "best.json", (json.dumps(entries, indent=2) + "\n").encode())
 
     def _ranked(self, step: int, val_loss: float) -> tuple[dict, list[dict]]:
         entry = {"step": step, "val_loss": val_loss, "file": f"best-{step:07d}.pt"}

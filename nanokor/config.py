@@ -16,6 +16,7 @@ import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from nanokor.atomic import atomic_write
 from nanokor.model import ModelConfig
 
 _MODEL = {f.name: f.default for f in fields(ModelConfig)}  # architecture defaults live in the model's config
@@ -205,4 +206,4 @@ def format_config(cfg: TrainConfig) -> str:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(path, (json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nanokor.atomic import atomic_write
 from nanokor.config import ConfigError
 
 
@@ -95,14 +96,21 @@ def make_logger(cfg, is_master: bool, start_step: int, run_config: dict):
 
 
 def _drop_records_after(path: Path, step: int) -> None:
+    """Keep the records up to `step`; a torn last line (a crash mid-write) goes too."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (record := _parse_record(line)) is not None and record.get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(kept).encode("utf-8"))
+
+
+def _parse_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def start_wandb(cfg, run_config: dict, resuming: bool = False):

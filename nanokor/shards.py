@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from nanokor.atomic import atomic_write
 from nanokor.corpus import DataError, clean
 from nanokor.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -114,7 +115,7 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 def write_meta(data_dir: str | Path, meta: dict) -> None:
-    _atomic_write(Path(data_dir) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
+    atomic_write(Path(data_dir) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
 
 
 def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
@@ -122,15 +123,6 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     return [Path(data_dir) / s["file"] for s in read_meta(data_dir)["shards"][split]]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:

@@ -1,6 +1,7 @@
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import unicodedata
@@ -111,6 +112,7 @@ def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path)
     proc = cli(*args)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert cli(*args, "--overwrite").returncode == 0
+    assert (out / "meta.json").is_file() and not (tmp_path / "copy.old").exists()
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious/notes.txt").write_text("mine")
     proc = cli(*args[:3], "--out", tmp_path / "precious", "--overwrite")
@@ -156,3 +158,31 @@ def test_killed_run_leaves_no_complete_looking_output(sample_data_dir, tmp_path,
     monkeypatch.setattr(shards.os, "replace", real_replace)
     assert prepare.main(argv) == 0  # a rerun clears the leftovers
     assert not partial.exists() and (out / "meta.json").exists()
+
+
+def test_an_interrupted_overwrite_keeps_the_old_data_whole(sample_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = ["--data-files", str(SAMPLE_DIR / "history.txt"), "--out", str(out), "--tokenizer",
+            str(sample_data_dir / "tokenizer.model"), "--num-proc", "1"]
+    assert prepare.main(argv) == 0
+    before = read_meta(out)
+    real_replace = os.replace
+
+    def killed_before_the_new_data_is_in_place(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(prepare.os, "replace", killed_before_the_new_data_is_in_place)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main([*argv, "--overwrite"])
+    assert not out.exists() and read_meta(tmp_path / "out.old") == before  # moved aside, whole
+    monkeypatch.setattr(prepare.os, "replace", real_replace)
+    assert prepare.main([*argv, "--overwrite"]) == 0
+    assert read_meta(out)["shards"] == before["shards"]
+
+
+def test_shard_size_must_be_positive(tmp_path):
+    proc = cli("--dataset", "sample", "--shard-tokens", "0", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "positive whole number" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

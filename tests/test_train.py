@@ -281,3 +281,11 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(sample_data_dir, tmp_path, m
     other = tmp_path / "another-run"
     run(sample_data_dir, other, "--max_steps=1", "--wandb_mode=offline")
     assert inits[2]["id"] != first["id"]
+
+
+def test_resume_drops_a_torn_metrics_line(sample_data_dir, tmp_path):
+    run(sample_data_dir, tmp_path, "--max_steps=1")
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 2, "loss": 5.1')  # a crash mid-write
+    run(sample_data_dir, tmp_path, "--max_steps=2", "--init_from=resume")
+    assert sorted(train_records(tmp_path)) == [1, 2]  # every line parses
