@@ -68,6 +68,7 @@ def train(cfg, env: Env) -> dict:
     loader = TrainLoader(data_dir, cfg.block_size, cfg.batch_size, rank=env.rank, world_size=env.world_size,
                          seed=cfg.seed, device=env.device, tokenizer_sha=tokenizer.sha256)
     token_bytes = torch.tensor(tokenizer.token_bytes, device=env.device)
+    check_eval_inputs(cfg, env, tokenizer)  # now, not at the first evaluation hundreds of steps in
     model = Transformer(model_config(cfg, tokenizer.vocab_size)).to(env.device)
     engine = build_engine(model, cfg, env, dtype)  # AdamW (+ compile, DDP) or DeepSpeed
     schedule = make_schedule(cfg)
@@ -78,6 +79,7 @@ def train(cfg, env: Env) -> dict:
         state = resume(engine, loader, out_dir, env)
     step, tokens_seen, val = state["step"], state["tokens_seen"], state["val"]
     nonfinite_total, nonfinite_run = state["nonfinite_total"], 0
+    saved_step = step  # the step last.pt holds (0: none yet)
     best = BestCheckpoints(out_dir, cfg.keep_best, state["best"])
 
     # ---- announce --------------------------------------------------------------------------
@@ -150,10 +152,16 @@ def train(cfg, env: Env) -> dict:
             if (evaluating or stopping) and not nonfinite_run:
                 save_last(out_dir, engine, cfg, tokenizer, loader, env, best, step=step, tokens_seen=tokens_seen,
                           val=val, nonfinite_total=nonfinite_total)
+                saved_step = step
             if evaluating or stopping:
                 t_last = time.perf_counter()  # evaluation and saving are not training time
         if stopping:
-            logger.info(f"stopped by signal at step {step:,}; {out_dir / 'last.pt'} is saved")
+            logger.info(f"stopped by signal at step {step:,}")
+        if saved_step != step:
+            logger.info(f"step {step:,} had a non-finite loss and was not saved: {out_dir / 'last.pt'} holds "
+                        + (f"step {saved_step:,}" if saved_step else "no checkpoint of this run"))
+        elif stopping:
+            logger.info(f"{out_dir / 'last.pt'} is saved")
     return {"step": step, "tokens_seen": tokens_seen, "val": val, "stopped": stopping}
 
 
@@ -198,6 +206,18 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def check_eval_inputs(cfg, env: Env, tokenizer) -> None:
+    """Raise the errors the first evaluation would: a validation split or budget smaller than one
+    global batch (val_batches checks on creation), or a sample prompt that leaves no room to generate."""
+    val_batches(cfg.data_dir, cfg.block_size, cfg.batch_size, cfg.eval_tokens, rank=env.rank,
+                world_size=env.world_size, tokenizer_sha=tokenizer.sha256)
+    prompt_tokens = 1 + len(tokenizer.encode(cfg.sample_prompt))  # BOS + text
+    if cfg.sample_tokens and prompt_tokens >= cfg.block_size:
+        raise ConfigError(f"sample_prompt is {prompt_tokens} tokens, which leaves no room to generate within "
+                          f"block_size={cfg.block_size}. Shorten sample_prompt, or turn the eval sample off "
+                          "with --sample_tokens=0.")
 
 
 def evaluate(engine, cfg, env: Env, tokenizer, token_bytes, autocast) -> dict:

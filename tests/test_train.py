@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
-from nanokor.config import load_config, model_config
+from nanokor.config import ConfigError, load_config, model_config
+from nanokor.corpus import DataError
 from nanokor.distributed import Env, TorchEngine
 from nanokor.loader import TrainLoader
 from nanokor.model import Transformer
@@ -289,3 +290,19 @@ def test_resume_drops_a_torn_metrics_line(sample_data_dir, tmp_path):
         f.write('{"step": 2, "loss": 5.1')  # a crash mid-write
     run(sample_data_dir, tmp_path, "--max_steps=2", "--init_from=resume")
     assert sorted(train_records(tmp_path)) == [1, 2]  # every line parses
+
+
+def test_evaluation_problems_stop_the_run_before_its_first_step(sample_data_dir, tmp_path):
+    with pytest.raises(DataError, match="smaller than one global batch"):
+        run(sample_data_dir, tmp_path, "--max_steps=50", "--eval_interval=50", "--eval_tokens=1")
+    with pytest.raises(ConfigError, match="leaves no room to generate"):
+        run(sample_data_dir, tmp_path, "--max_steps=50", "--eval_interval=50", "--sample_prompt=" + "한국어 " * 200)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_a_final_step_that_was_skipped_says_which_step_last_pt_holds(sample_data_dir, tmp_path, capsys):
+    run(sample_data_dir, tmp_path, "--max_steps=2")
+    run(sample_data_dir, tmp_path, "--max_steps=5", "--eval_interval=2", "--init_from=resume", "--lr_factor=1e30")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2  # steps 4 and 5 were non-finite, so never saved
+    out = capsys.readouterr().out
+    assert "step 5 had a non-finite loss and was not saved" in out and "last.pt holds step 2" in out
