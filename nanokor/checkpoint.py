@@ -34,14 +34,15 @@ def save_checkpoint(state: dict, path) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read and validate a checkpoint; every failure is a CheckpointError with a one-paragraph fix."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Read and validate a checkpoint; every failure is a CheckpointError with a one-paragraph fix.
+    mmap=True maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"No checkpoint at {path}. Train one with `python train.py config/tiny.py` "
                               "(it writes out/last.pt) or pass the right path with --ckpt.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"Could not read {path} as a checkpoint ({type(e).__name__}: {e}). The file is "
                               "corrupt, truncated, or not a nanokor checkpoint; use another checkpoint such as "

@@ -246,6 +246,9 @@ class DeepSpeedEngine:
 
     def resume(self, out_dir) -> dict:
         root = Path(out_dir) / "deepspeed"
+        last = Path(out_dir) / "last.pt"  # rank 0's consolidated copy of the same step
+        if last.is_file():  # DeepSpeed's own load would fail on a shape mismatch with a bare traceback
+            check_architecture(load_checkpoint(last, mmap=True)["model_config"], self.module.config, last)
         path, client_state = self.engine.load_checkpoint(str(root))
         if path is None:
             raise ConfigError(f"--init_from=resume found no DeepSpeed checkpoint under {root}. Resume with the "

@@ -52,6 +52,8 @@ def test_deepspeed_zero2_cpu_offload_saves_resumes_and_matches_plain_adamw(sampl
     proc = torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=4", "--init_from=resume", *ds)
     assert "resumed from" in proc.stdout and "DeepSpeed" in proc.stdout
     assert sorted(p.name for p in engine_dir.glob("step_*")) == ["step_0000004"]  # only the newest is kept
+    with pytest.raises(AssertionError, match="d_model: checkpoint 32, config 64"):  # named, before DeepSpeed loads
+        torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=6", "--init_from=resume", "--d_model=64", *ds)
 
     # The reference: plain PyTorch AdamW, one process, the same global batch, four uninterrupted steps.
     run(sample_data_dir, tmp_path / "ref", "--batch_size=4", "--grad_accum=2", "--eval_interval=2", "--max_steps=4")
