@@ -143,13 +143,16 @@ class TorchEngine:
         self.module = model  # the bare Transformer: its state_dict has clean keys
         self.grad_accum, self.grad_clip = cfg.grad_accum, cfg.grad_clip
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-        self.model = torch.compile(model) if cfg.compile else model
-        if env.distributed:
-            self.model = DDP(self.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        self.ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+            if env.distributed else None
+        # Compile outside DDP: Dynamo then splits the graph at DDP's gradient buckets, so each bucket's
+        # all-reduce overlaps the rest of the backward instead of waiting for all of it.
+        wrapped = model if self.ddp is None else self.ddp
+        self.model = torch.compile(wrapped) if cfg.compile else wrapped
 
     def grad_sync(self, last: bool):
         """DDP all-reduces gradients in backward; between micro-steps that is wasted traffic."""
-        return nullcontext() if last or not isinstance(self.model, DDP) else self.model.no_sync()
+        return nullcontext() if last or self.ddp is None else self.ddp.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()  # the accumulated gradient is the mean over micro-steps
