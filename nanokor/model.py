@@ -8,6 +8,7 @@ here: the model is a plain `nn.Module` that knows nothing about DDP, DeepSpeed o
 """
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -378,24 +379,31 @@ class Transformer(nn.Module):
                 {"params": no_decay, "weight_decay": 0.0}]
 
 
-# Dense (no sparsity) peak TFLOP/s by device-name pattern: (bf16/fp16 tensor cores, fp32 non-tensor).
-# Vendor datasheet figures; first matching pattern wins, so more specific names come first.
+# Dense (no sparsity) peak TFLOP/s by device name: (bf16/fp16 tensor cores, fp32 non-tensor). Vendor
+# datasheet figures. Names match as whole words ("L4" is not "L40S"); the first match wins, so more
+# specific names come first.
 PEAK_TFLOPS = (
     ("H100 PCIe", (756.0, 51.0)),
     ("H100 NVL", (835.0, 60.0)),
     ("H100", (989.0, 67.0)),
     ("H200", (989.0, 67.0)),
     ("A100", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("L40", (181.0, 90.5)),
     ("L4", (121.0, 30.3)),
     ("4090", (165.2, 82.6)),
 )
 
 
 def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Datasheet peak FLOP/s of a known GPU for this dtype, or None (CPUs, unknown cards)."""
+    """Datasheet peak FLOP/s of a known GPU for this dtype, or None (CPUs, unknown cards). fp32 matmuls
+    run on TF32 tensor cores when torch's matmul precision allows it (train.py does), whose peak is
+    half the bf16 one on all of these cards."""
     for pattern, (half, single) in PEAK_TFLOPS:
-        if pattern in device_name:
-            return (half if dtype in (torch.bfloat16, torch.float16) else single) * 1e12
+        if re.search(rf"\b{re.escape(pattern)}\b", device_name):
+            if dtype in (torch.bfloat16, torch.float16):
+                return half * 1e12
+            return (half / 2 if torch.get_float32_matmul_precision() != "highest" else single) * 1e12
     return None
 
 

@@ -220,6 +220,13 @@ def test_mfu_uses_known_peaks_and_declines_unknown_devices():
     assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
     assert estimate_mfu(1e9, 494.5e3, "NVIDIA H200", torch.bfloat16) == pytest.approx(0.5)
     assert estimate_mfu(1e9, 1e3, "cpu", torch.float32) is None
+    assert peak_flops("NVIDIA L40S", torch.bfloat16) == 362e12 and peak_flops("NVIDIA L4", torch.bfloat16) == 121e12
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32, as train.py sets on CUDA
+        assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 156e12
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def test_invalid_configs_are_refused_with_clear_messages():
