@@ -7,7 +7,7 @@ same run, so the fraction says how close the whole step gets to what this machin
 A third row runs nanokor under torch.compile (as `train.py --compile` does). Each configuration's
 fastest round is reported: on a shared machine noise only adds time.
 
-    python bench/model_speed.py            # the issue's shape: vocab 8192, d 384, 6 layers, T 256, B 8
+    python bench/model_speed.py            # vocab 8192, d 384, 6 layers, T 256, B 8: a small model a CPU trains
 """
 
 import argparse

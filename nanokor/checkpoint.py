@@ -88,7 +88,7 @@ def build_tokenizer(ckpt: dict):
     """The SentencePiece tokenizer stored in a checkpoint."""
     from nanokor.tokenizer import Tokenizer
 
-    return Tokenizer.from_bytes(ckpt["tokenizer"])
+    return Tokenizer(ckpt["tokenizer"])
 
 
 class BestCheckpoints:

@@ -137,9 +137,9 @@ def main(argv=None) -> int:
         autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
         token_bytes = torch.as_tensor(tokenizer.token_bytes, device=device)
         with tqdm(total=budget, unit="tok", unit_scale=True, desc="scoring", dynamic_ncols=True) as progress:
-            rows = windows(docs, tokenizer, seq_len, budget)
+            pairs = windows(docs, tokenizer, seq_len, budget)
             try:
-                result = evaluate_loss(model, batches(rows, args.batch_size, seq_len, device, tokenizer.pad_id,
+                result = evaluate_loss(model, batches(pairs, args.batch_size, seq_len, device, tokenizer.pad_id,
                                                       progress), token_bytes, autocast)
             except ValueError:  # evaluate_loss: nothing was scored
                 raise EvalError(f"{', '.join(args.data_files)} holds no text to score (every document is empty). "

@@ -83,7 +83,7 @@ _UNIGRAM, _BPE = 1, 2  # and model types
 
 
 def _sentencepiece_proto(model_bytes: bytes):
-    try:  # SentencePiece's own schema module; it needs protobuf (installed with wandb)
+    try:  # SentencePiece's own schema module; it needs protobuf (a nanokor dependency)
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as e:
         raise ExportError(f"Reading the tokenizer's settings needs protobuf ({e}); pip install protobuf.") from None

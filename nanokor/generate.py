@@ -15,7 +15,6 @@ encoding) live here too: they are about running a trained model, which is what t
 """
 
 import codecs
-import re
 
 import torch
 
@@ -167,9 +166,6 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
         model.train(was_training)
 
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
 class StreamDecoder:
     """Incremental detokenizer for one sequence: `push(id)` returns the text that became complete.
 
@@ -180,7 +176,7 @@ class StreamDecoder:
     """
 
     def __init__(self, tokenizer):
-        self._bytes = token_byte_strings(tokenizer)
+        self._bytes = tokenizer.token_byte_strings
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
@@ -190,21 +186,3 @@ class StreamDecoder:
         """End the sequence: return what is left (an incomplete character becomes U+FFFD). The decoder
         is then ready for the next sequence, so the id-to-bytes table is built once per tokenizer."""
         return self._utf8.decode(b"", final=True)
-
-
-def token_byte_strings(tokenizer) -> list[bytes]:
-    """The UTF-8 bytes each id stands for in decoded text (control/special ids: none; unknown: ' ⁇ ')."""
-    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    out = []
-    for i in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(i)
-        byte = _BYTE_PIECE.fullmatch(piece)
-        if i in special:
-            out.append(b"")
-        elif i == tokenizer.unk_id:
-            out.append(" \u2047 ".encode())  # what SentencePiece's decode prints for <unk>
-        elif byte:
-            out.append(bytes([int(byte.group(1), 16)]))
-        else:
-            out.append(piece.replace("\u2581", " ").encode())
-    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 # (panel title, [(metrics key, legend suffix)]); a panel is drawn only when some run logged a key.
 PANELS = (
     ("loss", (("loss", "train"), ("val_loss", "val"))),
-    ("bits per byte", (("bpb", "train"), ("val_bpb", "val"))),
+    ("bits per byte", (("val_bpb", "val"),)),
     ("learning rate", (("lr", "lr"),)),
 )
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))

@@ -54,10 +54,6 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         return cls(Path(path).read_bytes())
 
-    @classmethod
-    def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
-        return cls(model_proto)
-
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.model and token_bytes.npy (the byte table, for tools outside nanokor)."""
         directory = Path(directory)
@@ -78,10 +74,6 @@ class Tokenizer:
         """Token ids of NFC(text), without bos/eos."""
         return self.sp.encode(unicodedata.normalize("NFC", text))
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int]]:
-        """Like `encode` for many texts; SentencePiece spreads them over `num_threads` (-1: all cores)."""
-        return self.sp.encode([unicodedata.normalize("NFC", t) for t in texts], num_threads=num_threads)
-
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -89,22 +81,33 @@ class Tokenizer:
         return self.sp.id_to_piece(int(i))
 
     @cached_property
+    def token_byte_strings(self) -> list[bytes]:
+        """The UTF-8 bytes each id stands for in decoded text: nothing for control ids, the raw byte for
+        byte-fallback pieces (`<0xEA>`), and for <unk> the " ⁇ " that SentencePiece's decode prints."""
+        sp = self.sp
+
+        def piece_bytes(i: int) -> bytes:
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                return bytes([int(piece[3:5], 16)])
+            if sp.is_unknown(i):
+                return " \u2047 ".encode()
+            if sp.is_control(i) or sp.is_unused(i):
+                return b""
+            return piece.replace("\u2581", " ").encode("utf-8")
+
+        return [piece_bytes(i) for i in range(self.vocab_size)]
+
+    @cached_property
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length of each token's text: 0 for special ids, 1 for byte-fallback pieces.
 
         Summed over the targets of a text it gives the text's length in bytes, which turns a loss in
-        nats per token into bits per byte, comparable across tokenizers.
+        nats per token into bits per byte, comparable across tokenizers. <unk> counts 0: the text it
+        replaced is not known, and its " ⁇ " is not part of the input.
         """
-        sp = self.sp
-
-        def n_bytes(i: int) -> int:
-            if sp.is_byte(i):
-                return 1
-            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                return 0
-            return len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-
-        return np.array([n_bytes(i) for i in range(self.vocab_size)], dtype=np.int32)
+        return np.array([0 if i == UNK_ID else len(b) for i, b in enumerate(self.token_byte_strings)],
+                        dtype=np.int32)
 
 
 def auto_vocab_size(sample_bytes: int) -> int:

@@ -113,7 +113,7 @@ def test_attention_maps_show_the_math_backend_weights_with_token_labels(font, ck
 
     monkeypatch.setattr(plot, "hangul_font", lambda: None if font == "none" else findfont("DejaVu Sans"))
     ck = load_checkpoint(ckpt)
-    model, tokenizer = build_model(ck), Tokenizer.from_bytes(ck["tokenizer"])
+    model, tokenizer = build_model(ck), Tokenizer(ck["tokenizer"])
     text = "세종대왕은 훈민정음을 창제하였다."
     fig, note = plot.attention_figure(model, tokenizer, text, "0,-1")
     ids = [tokenizer.bos_id, *tokenizer.encode(text)]

@@ -52,7 +52,7 @@ def test_sample_meta_counts_agree_with_the_shards(sample_data_dir):
     meta = read_meta(sample_data_dir)
     model = (sample_data_dir / "tokenizer.model").read_bytes()
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(model).hexdigest()
-    assert meta["tokenizer"]["vocab_size"] == Tokenizer.from_bytes(model).vocab_size < 32000
+    assert meta["tokenizer"]["vocab_size"] == Tokenizer(model).vocab_size < 32000
     assert meta["command"].startswith("python prepare.py --dataset sample")
     assert meta["corpus"]["source"] == "sample" and meta["val_fraction"] == 0.1
     for split in ("train", "val"):

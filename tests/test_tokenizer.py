@@ -83,11 +83,18 @@ def test_rare_characters_use_byte_fallback_not_unk(tok):
     assert tok.unk_id not in ids and len(ids) == 4  # its four UTF-8 bytes
 
 
-def test_identity_sha_and_batch(tok, sample_data_dir):
+def test_identity_and_sha(tok, sample_data_dir):
     raw = (sample_data_dir / "tokenizer.model").read_bytes()
-    again = Tokenizer.from_bytes(raw)
+    again = Tokenizer(raw)
     assert tok.model_bytes == raw and again.sha256 == tok.sha256 == hashlib.sha256(raw).hexdigest()
-    assert tok.encode_batch(TRICKY) == [tok.encode(t) for t in TRICKY]
+
+
+def test_token_byte_strings_add_up_to_the_decoded_text(tok):
+    for text in TRICKY:
+        ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+        assert b"".join(tok.token_byte_strings[i] for i in ids).decode("utf-8") == tok.decode(ids)
+        assert sum(tok.token_bytes[i] for i in ids) == sum(len(tok.token_byte_strings[i]) for i in ids)
+    assert tok.token_byte_strings[tok.unk_id] == " \u2047 ".encode() and tok.token_bytes[tok.unk_id] == 0
 
 
 def test_train_unigram_and_auto_vocab(sample_docs):
