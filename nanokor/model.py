@@ -137,23 +137,27 @@ def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer for incremental decoding: prefill once, then one token a step.
 
-    Stored as (n_layer, B, n_kv_head, max_len, head_dim), the layout SDPA reads without copies.
-    `pos` counts the tokens already cached; the model advances it after each forward.
+    One (B, n_kv_head, max_len, head_dim) tensor per layer for keys and one for values, the layout SDPA
+    reads without copies. `pos` counts the tokens already cached; the model advances it after each
+    forward. New entries are written with index_copy_ at explicit positions: under torch.compile that
+    stays an in-place write of the new rows, where a slice assignment made the compiled step copy the
+    whole cache, so each token cost time in proportion to max_len.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, n_kv_head, T, D) keys/values at `pos`; return everything cached so far."""
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        positions = torch.arange(self.pos, end, device=k.device)
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
