@@ -2,8 +2,8 @@
 
 Rank 0 gets a `Logger`: a tqdm bar (loss, lr, tokens/s), `metrics.jsonl` in the output directory
 (one strict-JSON object per line, always written; a non-finite number is written as null) and wandb
-when asked for. A resumed run continues the same wandb run: its id is kept in `wandb_run_id`. Every other rank gets a
-`NullLogger`, so the loop never asks "am I rank 0?" before logging.
+when asked for; a resumed run continues the same wandb run, whose id is kept in `wandb_run_id`.
+Every other rank gets a `NullLogger`, so the loop never asks "am I rank 0?" before logging.
 
 wandb never stops a run: without the package or an API key it falls back (offline, or off), and an
 online start that cannot reach the server within its timeout falls back to offline.
@@ -153,5 +153,5 @@ def wandb_run_id(out_dir: Path, resuming: bool) -> str:
     if resuming and path.is_file():
         return path.read_text(encoding="utf-8").strip()
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id + "\n", encoding="utf-8")
+    atomic_write(path, (run_id + "\n").encode())
     return run_id
