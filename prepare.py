@@ -22,8 +22,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 import nanokor
-from nanokor.corpus import DataError, clean, open_corpus
-from nanokor.shards import doc_key, encode_to_shards, split_of, write_meta
+from nanokor.corpus import clean, open_corpus
+from nanokor.encode import doc_key, encode_to_shards, split_of
+from nanokor.errors import DataError, exit_on_error
+from nanokor.shards import DataDir
 from nanokor.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
 
 # The embedded sample has ~100 documents: 1% would leave validation with one or two of them.
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hf subsets, comma-separated (e.g. tiny-textbooks,claude_evol), or 'all' (default)")
     src.add_argument("--data-files", nargs="+", metavar="GLOB",
                      help="local .parquet/.jsonl/.txt files (globs; quote them); overrides --dataset")
+    src.add_argument("--val-files", nargs="+", metavar="GLOB",
+                     help="held-out .parquet/.jsonl/.txt files: every document goes to validation, none to "
+                          "training (files --data-files also matches are left out of training); "
+                          "--val-fraction then defaults to 0")
     src.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
     src.add_argument("--max-docs", type=int, help="stop after this many documents")
     src.add_argument("--max-bytes", type=parse_size, help="stop after this much raw text (e.g. 2G)")
@@ -105,6 +111,20 @@ def tokenizer_sample(corpus, max_bytes: int, val_fraction: float) -> list[str]:
     return docs
 
 
+def warn_held_out_names(corpus, explicit_val: bool) -> None:
+    """A file named like a held-out split, read as training text, is usually a glob that caught too
+    much (corpus/*.parquet over train-* and validation-*): say so, and how to hold it out."""
+    if explicit_val:
+        return
+    suspicious = [f for f in corpus.info.get("files", []) if HELD_OUT_NAME.search(Path(f).stem)]
+    if suspicious:
+        names = ", ".join(Path(f).name for f in suspicious[:3]) + (" ..." if len(suspicious) > 3 else "")
+        print(f"warning: {names} look{'s' if len(suspicious) == 1 else ''} like held-out data but will be "
+              "trained on (documents are split by content hash). To keep them out of training, pass them "
+              "with --val-files, e.g. --data-files 'corpus/train-*.parquet' --val-files "
+              "'corpus/validation-*.parquet'.", file=sys.stderr)
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber, before any slow work."""
     if out.exists():
@@ -119,7 +139,13 @@ def staging_dir(out: Path) -> Path:
     """The directory the run writes into, renamed to `out` once complete."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+        (staging / ".writable").touch()
+        (staging / ".writable").unlink()
+    except OSError as e:
+        raise DataError(f"Cannot write the output directory {out} ({e.strerror}: {e.filename}). Choose a "
+                        "writable --out.") from None
     return staging
 
 
@@ -136,13 +162,22 @@ def replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+# File names that say "held out": validation-00000-of-00001.parquet, val.jsonl, test_2.txt, dev.txt ...
+HELD_OUT_NAME = re.compile(r"(^|[-_.])(validation|valid|val|test|dev|eval)([-_.\d]|$)", re.IGNORECASE)
+
+
 def run(args, argv: list[str]) -> dict:
+    val_corpus = open_corpus(data_files=args.val_files, text_column=args.text_column) if args.val_files else None
+    held_out_files = [Path(f) for f in val_corpus.info["files"]] if val_corpus else []
     corpus = open_corpus(args.dataset, subsets=args.subset, data_files=args.data_files,
-                         text_column=args.text_column, max_docs=args.max_docs, max_bytes=args.max_bytes)
+                         text_column=args.text_column, max_docs=args.max_docs, max_bytes=args.max_bytes,
+                         exclude=held_out_files)
+    warn_held_out_names(corpus, bool(val_corpus))
     out = args.out or Path("data") / corpus.name
     val_fraction = args.val_fraction
     if val_fraction is None:
-        val_fraction = DEFAULT_VAL_FRACTION.get(corpus.info["source"], DEFAULT_VAL_FRACTION_OTHER)
+        val_fraction = 0.0 if val_corpus else DEFAULT_VAL_FRACTION.get(corpus.info["source"],
+                                                                       DEFAULT_VAL_FRACTION_OTHER)
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.01.")
     if args.tokenizer and args.vocab_size:
@@ -169,8 +204,8 @@ def run(args, argv: list[str]) -> dict:
         tokenizer_info = {"model_type": args.model_type, "trained_on_documents": len(sample),
                           "trained_on_bytes": sample_bytes, "seconds": round(time.time() - t0, 2)}
         del sample
-    staging = staging_dir(out)
-    tokenizer.save(staging)
+    staging = DataDir(staging_dir(out))
+    tokenizer_meta = staging.write_tokenizer(tokenizer)
 
     t0 = time.time()
     with tqdm(total=args.max_bytes, unit="B", unit_scale=True, desc="encode", disable=None) as bar:
@@ -182,8 +217,9 @@ def run(args, argv: list[str]) -> dict:
             bar.update(n_bytes)
             bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
 
-        result = encode_to_shards(corpus.tasks(), tokenizer, staging, val_fraction=val_fraction,
-                                  shard_tokens=args.shard_tokens, num_proc=num_proc, progress=progress)
+        result = encode_to_shards(corpus.tasks(), tokenizer, staging.path, val_fraction=val_fraction,
+                                  shard_tokens=args.shard_tokens, num_proc=num_proc, progress=progress,
+                                  val_tasks=val_corpus.tasks() if val_corpus else ())
     seconds = time.time() - t0
     splits = result["splits"]
     if splits["train"]["documents"] == 0:
@@ -197,19 +233,19 @@ def run(args, argv: list[str]) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "prepare.py", *argv]),
         "corpus": {**corpus.info, "max_docs": args.max_docs, "max_bytes": args.max_bytes},
+        "val_files": val_corpus.info["files"] if val_corpus else None,
         "val_fraction": val_fraction,
         "cleaning": dict(Counter(result["cleaning"]) + corpus.counts),  # read problems: workers' and ours
         "splits": splits,
-        "tokenizer": {"file": "tokenizer.model", "token_bytes": "token_bytes.npy", "sha256": tokenizer.sha256,
-                      "vocab_size": tokenizer.vocab_size, **tokenizer_info},
+        "tokenizer": {**tokenizer_meta, **tokenizer_info},
         "compression": {"split": held_out, "bytes_per_token": s["bytes"] / text_tokens,
                         "hangul_per_token": s["hangul"] / text_tokens},
         "document_framing": "<s> text </s>",
         "encode_seconds": round(seconds, 2),
         "shards": result["shards"],
     }
-    write_meta(staging, meta)
-    replace_dir(staging, out)
+    staging.write_meta(meta)
+    replace_dir(staging.path, out)
     report(out, meta, seconds)
     return meta
 
@@ -231,12 +267,7 @@ def report(out: Path, meta: dict, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    try:
-        run(args, argv)
-    except DataError as e:
-        print(f"prepare.py: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_on_error(run, args, argv)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
-from nanokor.corpus import DataError
-from nanokor.generate import (DTYPES, PromptError, StreamDecoder, encode_prompt, generate, resolve_device,
-                              resolve_dtype)
+from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
+from nanokor.device import DTYPES, resolve_device, resolve_dtype
+from nanokor.errors import NanokorError, PromptError
+from nanokor.generate import StreamDecoder, encode_prompt, generate, room_to_generate
 
 
 def _number(kind, low, high=None, low_open=False, text=""):
@@ -84,17 +84,14 @@ def read_prompt(args) -> str | None:
 
 
 def fit_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
-    """The number of tokens to generate so prompt + generation fits the model's context."""
-    if prompt_len >= max_seq_len:
-        raise PromptError(f"The prompt is {prompt_len} tokens (with BOS), but the model's context is "
-                          f"{max_seq_len} tokens, leaving no room to generate. Shorten the prompt to at most "
-                          f"{max_seq_len - 2} tokens.")
-    room = max_seq_len - prompt_len
-    if max_new_tokens > room:
-        print(f"note: generating {room} tokens instead of --max-new-tokens {max_new_tokens}: the prompt "
+    """The number of tokens to generate so prompt + generation fits the model's context; says so when
+    that is fewer than asked for."""
+    n = room_to_generate(prompt_len, max_new_tokens, max_seq_len)
+    if n < max_new_tokens:
+        print(f"note: generating {n} tokens instead of --max-new-tokens {max_new_tokens}: the prompt "
               f"({prompt_len} tokens) plus the generation must fit the model's context of {max_seq_len}.",
               file=sys.stderr)
-    return min(max_new_tokens, room)
+    return n
 
 
 def main(argv=None) -> int:
@@ -106,7 +103,7 @@ def main(argv=None) -> int:
         text = read_prompt(args)
         ids = encode_prompt(tokenizer, text)
         max_new = fit_length(len(ids), args.max_new_tokens, model.config.max_seq_len)
-    except (CheckpointError, PromptError, DataError) as e:
+    except NanokorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

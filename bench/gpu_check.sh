@@ -31,24 +31,24 @@ cat "$LOG/machine.txt"
 echo "== data: embedded sample, tokens tiled to 16M train / 1M val"
 python prepare.py --dataset sample --out "$WORK/sample" > "$LOG/prepare.log" 2>&1
 python - "$WORK/sample" "$WORK/data" <<'EOF'
-import shutil, sys
+import sys
 from pathlib import Path
 import numpy as np
-from nanokor.shards import ShardWriter, read_meta, read_shard, shard_paths, write_meta
+from nanokor.shards import DataDir, ShardWriter, read_shard
 
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-dst.mkdir()
-shutil.copy(src / "tokenizer.model", dst / "tokenizer.model")
-meta = read_meta(src)
+src, dst = DataDir(sys.argv[1]), DataDir(sys.argv[2])
+dst.path.mkdir()
+dst.write_tokenizer(src.tokenizer)
+meta = dict(src.meta)
 sha, vocab = meta["tokenizer"]["sha256"], meta["tokenizer"]["vocab_size"]
 meta["shards"] = {}
 for split, n in (("train", 16_000_000), ("val", 1_000_000)):
-    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(src, split)])
-    writer = ShardWriter(dst, split, shard_tokens=n, vocab_size=vocab, tokenizer_sha=sha)
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in src.shard_paths(split)])
+    writer = ShardWriter(dst.path, split, shard_tokens=n, vocab_size=vocab, tokenizer_sha=sha)
     writer.write(np.resize(tokens, n))
     meta["shards"][split] = writer.close()
 meta["note"] = "gpu_check: the embedded sample's tokens, tiled"
-write_meta(dst, meta)
+dst.write_meta(meta)
 EOF
 
 run() {  # name, then train.py flags

@@ -20,6 +20,7 @@ import torch
 
 from nanokor.export import hf_config, hf_state_dict
 from nanokor.model import ModelConfig, Transformer
+from nanokor.config import load_config
 from nanokor.optim import build_optimizer
 
 
@@ -82,7 +83,7 @@ def hf_step(model):
 
 def make_optimizer(model):
     if isinstance(model, Transformer):
-        return build_optimizer(model, lr=1e-4)
+        return build_optimizer(model, load_config(["--optimizer=adamw", "--schedule=cosine", "--lr=1e-4"]))
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
 
 

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nanokor.corpus import normalize  # noqa: E402
-from nanokor.shards import read_meta  # noqa: E402
+from nanokor.shards import DataDir  # noqa: E402
 from nanokor.tokenizer import train_tokenizer  # noqa: E402
 
 FLOOR = 0.8
@@ -115,7 +115,7 @@ def main() -> None:
                 *run, rc = timed(lambda: prepare.main(argv))
             runs["prepare"].append(run)
             assert rc == 0, "prepare.py failed"
-            written = sum(s["tokens"] for s in read_meta(out)["splits"].values())
+            written = sum(s["tokens"] for s in DataDir(out).meta["splits"].values())
             assert written == expected_tokens, f"prepare wrote {written:,} tokens, raw encode made {expected_tokens:,}"
             load.append(os.getloadavg()[0])
 

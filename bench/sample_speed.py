@@ -23,7 +23,8 @@ import torch
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.corpus import SAMPLE_DIR, normalize, open_corpus
 from nanokor.export import export
-from nanokor.generate import DTYPES, generate, resolve_device, resolve_dtype
+from nanokor.device import DTYPES, resolve_device, resolve_dtype
+from nanokor.generate import generate
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import train_tokenizer
 
@@ -60,7 +61,7 @@ def make_checkpoint(args) -> dict:
                          n_kv_head=args.n_kv_head, d_model=args.d_model, d_ff=args.d_ff, max_seq_len=1024)
     torch.manual_seed(0)
     model = Transformer(config)
-    return {"model_config": config.to_dict(), "model": model.state_dict(), "tokenizer": tokenizer.model_bytes}
+    return {"model_config": config.architecture(), "model": model.state_dict(), "tokenizer": tokenizer.model_bytes}
 
 
 def korean_prompt(tokenizer, n: int) -> list[int]:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nanokor.generate import resolve_device
-from nanokor.model import ModelConfig, Transformer, estimate_mfu
+from nanokor.device import estimate_mfu, resolve_device
+from nanokor.model import ModelConfig, Transformer
+from nanokor.config import load_config
 from nanokor.optim import build_optimizer
 
 CATEGORIES = (  # first match wins; names of CUDA kernels, Inductor kernels and aten ops, lower-cased
@@ -44,6 +45,7 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
@@ -65,7 +67,7 @@ def main():
                          d_model=args.d_model, d_ff=args.d_ff, dropout=args.dropout, max_seq_len=args.seq_len)
     torch.manual_seed(0)
     model = Transformer(config).to(device)
-    optimizer = build_optimizer(model, lr=1e-4)
+    optimizer = build_optimizer(model, load_config([f"--optimizer={args.optimizer}", "--schedule=cosine", "--lr=1e-4"]))
     fwd = torch.compile(model) if args.compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     x = torch.randint(args.vocab_size, (args.batch_size, args.seq_len), device=device)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from nanokor.model import ModelConfig, Transformer
+from nanokor.config import load_config
 from nanokor.optim import build_optimizer
 from nanokor.tokenizer import Tokenizer
 
@@ -73,7 +74,7 @@ def bare_steps(args, vocab_size: int, n: int, desc: str) -> list[float]:
                          d_ff=args.d_ff, max_seq_len=args.block_size)
     torch.manual_seed(0)
     model = Transformer(config)
-    optimizer = build_optimizer(model, lr=1e-3)
+    optimizer = build_optimizer(model, load_config(["--optimizer=adamw", "--schedule=cosine", "--lr=1e-3"]))
     x = torch.randint(0, vocab_size, (args.batch_size, args.block_size))
     y = torch.randint(0, vocab_size, (args.batch_size, args.block_size))
     times = []

@@ -1,9 +1,10 @@
 """Files that are either complete or absent.
 
-Everything nanokor writes that a later run reads (checkpoints, meta.json, config.json, best.json,
-a rewritten metrics.jsonl) goes through `atomic_write`: the bytes go to a temporary file beside the
-target, are fsynced, and the temporary file is renamed over the target. A crash or kill -9 at any
-moment leaves either the old file or the new one, never half of one.
+Everything nanokor writes that a later run reads (checkpoints, shards, meta.json, config.json,
+best.json, a rewritten metrics.jsonl) goes through `AtomicFile`: the bytes go to a temporary file
+beside the target, are fsynced, and the temporary file is renamed over the target. A crash or kill -9
+at any moment leaves either the old file or the new one, never half of one; a failed write (a full
+disk) removes the temporary file and leaves the old target as it was.
 """
 
 import os
@@ -12,23 +13,48 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+class AtomicFile:
+    """A file written under a temporary name and renamed to `path` by `commit()`; `discard()` (or an
+    exception inside `with`) removes it. Use as a context manager, or hold it across calls."""
+
+    def __init__(self, path, buffering: int = -1):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.file: BinaryIO = open(self.tmp, "wb", buffering=buffering)
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BinaryIO:
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def atomic_write(path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write `data` (bytes, or a function that writes to the open binary file) to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with AtomicFile(path) as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,32 +6,50 @@ so a crash mid-write never leaves a file that looks complete, and it is read wit
 `torch.load(weights_only=True)`, so loading a checkpoint never runs code.
 
 Training keeps `last.pt` (rewritten at every evaluation and at the end) and the best k by validation
-loss as `best-<step>.pt`, listed with their losses in a readable `best.json` beside them.
+loss as `best-<step>.pt`, listed with their losses in a readable `best.json` beside them. A training
+checkpoint is a `LoopState` (what the loop carries from step to step) plus the weights, the
+optimizer, the tokenizer and the config; `save_training` and `load_training` write and read it.
 """
 
+import errno
 import json
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanokor.atomic import atomic_write
-from nanokor.model import ModelConfig, Transformer, flash_attn_func
+from nanokor.errors import CheckpointError
+from nanokor.model import ModelConfig, Transformer
+from nanokor.rundir import RunDir
 
 FORMAT = "nanokor-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or from an incompatible format."""
-
-
 def save_checkpoint(state: dict, path) -> None:
-    """Atomically write `state` (plus the format tag) to `path`."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
+    """Atomically write `state` (plus the format tag) to `path`. A failed write (a full disk) leaves the
+    previous file at `path` as it was and is a CheckpointError that says so."""
+    try:
+        atomic_write(path, lambda f: torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f))
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError, the OSError as context
+        cause = next((x for x in _chain(e) if isinstance(x, OSError)), e)
+        full = getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        what = "the disk is full" if full else f"{type(cause).__name__}: {cause}"
+        fix = ("Free some space, or point --out_dir at a disk with room" if full else "Fix the cause")
+        raise CheckpointError(f"Could not write {path}: {what}. Nothing is lost: the previous {Path(path).name} "
+                              f"(if any) is intact and the partial file was removed. {fix}, then continue with "
+                              "--init_from=resume.") from None
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -56,16 +74,10 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     return ckpt
 
 
-# Keys that change the weights' shapes or meaning; dropout, attention backend and checkpointing may change.
-ARCHITECTURE_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len", "rope_theta",
-                     "norm_eps", "tie_embeddings", "position")
-
-
 def check_architecture(saved: dict, config: ModelConfig, where) -> None:
     """Refuse to resume into a model whose architecture differs from the checkpoint's."""
-    current = config.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {current[k]!r}" for k in ARCHITECTURE_KEYS
-             if saved.get(k) != current[k]]
+    current = config.architecture()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"Cannot resume from {where}: its architecture differs from the config "
                               f"({'; '.join(diffs)}). Resume with the config (and data directory) the run was "
@@ -73,13 +85,10 @@ def check_architecture(saved: dict, config: ModelConfig, where) -> None:
 
 
 def build_model(ckpt: dict) -> Transformer:
-    """The model a checkpoint describes, with its weights loaded (on CPU, in eval mode)."""
-    saved = dict(ckpt["model_config"])
-    if saved.get("attention") == "flash" and flash_attn_func is None:
-        # The backend is how attention is computed, not what was learned: a model trained with
-        # flash-attn runs unchanged through SDPA on a machine without it.
-        saved["attention"] = "auto"
-    model = Transformer(ModelConfig.from_dict(saved))
+    """The model a checkpoint describes, with its weights loaded (on CPU, in eval mode). It runs with the
+    default runtime settings (best attention backend here, no dropout): how a model was trained to run
+    (e.g. with flash-attn) is not part of what it learned."""
+    model = Transformer(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
@@ -91,6 +100,42 @@ def build_tokenizer(ckpt: dict):
     return Tokenizer(ckpt["tokenizer"])
 
 
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step and a resume restores, besides the weights and
+    the optimizer: saved flat into the checkpoint, one key per field."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best: list[dict] = field(default_factory=list)  # BestCheckpoints.entries, best first
+    val: dict | None = None  # the last evaluation, with its step
+    nonfinite_total: int = 0
+    loader: dict | None = None  # TrainLoader.state_dict()
+    rng: list = field(default_factory=list)  # every rank's rng_state(), in rank order
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "LoopState":
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+
+def save_training(path, state: LoopState, config: ModelConfig, weights: dict, optimizer: dict | None,
+                  extras: dict) -> None:
+    """A training checkpoint: the loop state, the architecture, the full weights, the optimizer state
+    (None where the engine keeps its own) and `extras` (tokenizer bytes, the train config)."""
+    save_checkpoint({**asdict(state), "model_config": config.architecture(), "model": weights,
+                     "optimizer": optimizer, **extras}, path)
+
+
+def load_training(path, model_config: ModelConfig) -> tuple[dict, LoopState]:
+    """A training checkpoint for resuming `model_config`: (the whole checkpoint, its loop state)."""
+    ckpt = load_checkpoint(path)
+    if "loader" not in ckpt:
+        raise CheckpointError(f"{path} holds weights only, not a training run, so it cannot be resumed. Start "
+                              "fresh with --init_from=scratch or another --out_dir.")
+    check_architecture(ckpt["model_config"], model_config, path)
+    return ckpt, LoopState.from_checkpoint(ckpt)
+
+
 class BestCheckpoints:
     """The k checkpoints with the lowest validation loss, as hard links to (or copies of) last.pt.
 
@@ -99,9 +144,9 @@ class BestCheckpoints:
     training checkpoint, so a resumed run keeps pruning the same files.
     """
 
-    def __init__(self, out_dir, k: int, entries: list[dict] | None = None):
-        self.out_dir, self.k = Path(out_dir), k
-        self.entries = [e for e in entries or [] if (self.out_dir / e["file"]).is_file()]
+    def __init__(self, run: RunDir, k: int, entries: list[dict] | None = None):
+        self.run, self.k = run, k
+        self.entries = [e for e in entries or [] if (run.path / e["file"]).is_file()]
 
     def is_better(self, val_loss: float) -> bool:
         return self.k > 0 and (len(self.entries) < self.k or val_loss < self.entries[-1]["val_loss"])
@@ -110,21 +155,21 @@ class BestCheckpoints:
         """The entries as they will be once this step's checkpoint is kept (to save inside it)."""
         return self._ranked(step, val_loss)[1] if self.is_better(val_loss) else self.entries
 
-    def keep(self, last_path, step: int, val_loss: float) -> None:
+    def keep(self, step: int, val_loss: float) -> None:
         """Keep the just-written last.pt as a best checkpoint if it ranks, and drop what fell out."""
         if not self.is_better(val_loss):
             return
         entry, entries = self._ranked(step, val_loss)
-        _link_or_copy(Path(last_path), self.out_dir / entry["file"])
+        _link_or_copy(self.run.last, self.run.path / entry["file"])
         kept = {e["file"] for e in entries}
         for old in self.entries:
             if old["file"] not in kept:
-                (self.out_dir / old["file"]).unlink(missing_ok=True)
+                (self.run.path / old["file"]).unlink(missing_ok=True)
         self.entries = entries
-        atomic_write(self.out_dir / "best.json", (json.dumps(entries, indent=2) + "\n").encode())
+        atomic_write(self.run.best_json, (json.dumps(entries, indent=2) + "\n").encode())
 
     def _ranked(self, step: int, val_loss: float) -> tuple[dict, list[dict]]:
-        entry = {"step": step, "val_loss": val_loss, "file": f"best-{step:07d}.pt"}
+        entry = {"step": step, "val_loss": val_loss, "file": self.run.best(step).name}
         return entry, sorted(self.entries + [entry], key=lambda e: e["val_loss"])[:self.k]
 
 

@@ -12,18 +12,16 @@ Unknown keys, wrongly typed values and out-of-range choices raise a ConfigError 
 import difflib
 import json
 import runpy
+import traceback
 import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nanokor.atomic import atomic_write
+from nanokor.errors import ConfigError
 from nanokor.model import ModelConfig
 
 _MODEL = {f.name: f.default for f in fields(ModelConfig)}  # architecture defaults live in the model's config
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user has to fix; the message says how."""
 
 
 @dataclass
@@ -57,13 +55,18 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step, per process
     max_steps: int = 10000
     # ---- optimizer and schedule ----
+    optimizer: str = "adamw"  # adamw | muon (Muon for the block matrices, AdamW for embedding, head, norms)
     schedule: str = "noam"  # noam | cosine | wsd (warmup-stable-decay)
     lr_factor: float = 1.0  # noam: lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
-    lr: float = 6e-4  # cosine / wsd: peak learning rate
+    cooldown_frac: float = 0.0  # noam: decay linearly to ~0 over this last fraction of max_steps
+    lr: float = 6e-4  # cosine / wsd: peak learning rate (AdamW's; noam computes it)
     min_lr: float = 6e-5  # cosine / wsd: final learning rate
     warmup_steps: int = 4000
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
-    weight_decay: float = 0.1
+    embed_lr: float = 0.0  # the embedding's peak AdamW lr; 0 = the schedule's peak (a tied head always uses it)
+    muon_lr: float = 0.02  # optimizer=muon: the block matrices' peak lr
+    muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum
+    weight_decay: float = 0.1  # decoupled, on the matrices and an untied head (AdamW and Muon alike)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -89,14 +92,15 @@ CHOICES = {
     "init_from": ("scratch", "resume"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "bf16", "fp32"),
+    "optimizer": ("adamw", "muon"),
     "schedule": ("noam", "cosine", "wsd"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum", "max_steps",
             "eval_interval", "eval_tokens", "max_nonfinite")
 TYPES = {f.name: f.type for f in fields(TrainConfig)}
-MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout", "tie_embeddings", "rope_theta",
-              "norm_eps", "init_std", "attention", "position", "gradient_checkpointing")
+# The model keys are ModelConfig's fields, less the two the run derives (tokenizer, block_size).
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("vocab_size", "max_seq_len"))
 
 
 def load_config(argv: list[str]) -> TrainConfig:
@@ -122,7 +126,16 @@ def _read_config_file(path: str) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"Config file {path} does not exist. Pass a file such as config/tiny.py, or set keys "
                           "directly with --key=value.")
-    namespace = runpy.run_path(path)
+    try:
+        namespace = runpy.run_path(path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}, line {e.lineno}: {e.msg} (`{(e.text or '').strip()}`). A config file is plain "
+                          "Python assignments such as `batch_size = 16`; fix the line.") from None
+    except Exception as e:  # a NameError, an import that fails: the file's code ran and broke
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if Path(f.filename).resolve() == Path(path).resolve()), "?")
+        raise ConfigError(f"{path}, line {line}: running it raised {type(e).__name__}: {e}. A config file is plain "
+                          "Python assignments such as `batch_size = 16`; fix the line.") from None
     values = {}
     for key, value in namespace.items():
         if key.startswith("_") or callable(value) or isinstance(value, types.ModuleType):
@@ -179,10 +192,16 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("warmup_steps, keep_best, sample_tokens and grad_clip must not be negative")
     if cfg.schedule == "noam" and cfg.warmup_steps == 0:
         problems.append("the noam schedule needs warmup_steps > 0 (its peak is at step = warmup_steps)")
-    if not 0 <= cfg.decay_frac <= 1:
-        problems.append(f"decay_frac must be in [0, 1], got {cfg.decay_frac}")
+    if not 0 <= cfg.decay_frac <= 1 or not 0 <= cfg.cooldown_frac <= 1:
+        problems.append(f"decay_frac and cooldown_frac must be in [0, 1], got {cfg.decay_frac} and {cfg.cooldown_frac}")
+    if cfg.cooldown_frac and cfg.schedule != "noam":
+        problems.append(f"cooldown_frac is Noam's cooldown; schedule={cfg.schedule!r} decays by itself (to min_lr, "
+                        "over decay_frac for wsd), so leave cooldown_frac at 0")
     if cfg.lr < 0 or cfg.min_lr < 0 or cfg.weight_decay < 0 or cfg.lr_factor <= 0 or cfg.eps <= 0:
         problems.append("lr, min_lr and weight_decay must not be negative, lr_factor and eps must be positive")
+    if cfg.embed_lr < 0 or cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1:
+        problems.append(f"embed_lr must not be negative, muon_lr must be positive and muon_momentum in [0, 1), got "
+                        f"{cfg.embed_lr}, {cfg.muon_lr} and {cfg.muon_momentum}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         problems.append(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
     if problems:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+from nanokor.errors import DataError
+
 HF_DATASET = "maywell/korean_textbooks"
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 HUB_PROBE_TIMEOUT_S = 10.0
@@ -33,10 +35,6 @@ HUB_PROBE_TIMEOUT_S = 10.0
 # take a usual parquet row group whole (parquet decodes no less, so a row group cut in two is decoded twice).
 PART_BYTES = 8_000_000
 BATCH_CHARS = 1 << 16  # documents read in this process are sent to the workers in batches this size
-
-
-class DataError(Exception):
-    """Bad input to the data pipeline. The message is one paragraph that says how to fix it."""
 
 
 # C0 and C1 control characters, except tab and newline (carriage returns become newlines first).
@@ -147,11 +145,16 @@ def _batches(docs: Iterable[str], chars_per_batch: int) -> Iterator[list[str]]:
 
 
 def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[str] | None = None,
-                text_column: str = "text", max_docs: int | None = None,
-                max_bytes: int | None = None) -> Corpus:
-    """Resolve the command-line choice of source into a Corpus (fails early on bad input)."""
+                text_column: str = "text", max_docs: int | None = None, max_bytes: int | None = None,
+                exclude: Iterable[Path] = ()) -> Corpus:
+    """Resolve the command-line choice of source into a Corpus (fails early on bad input). Files in
+    `exclude` (the held-out --val-files) are left out of the globs' matches."""
     if data_files:
-        paths = _expand_globs(data_files)
+        excluded = {p.resolve() for p in exclude}
+        paths = [p for p in _expand_globs(data_files) if p.resolve() not in excluded]
+        if not paths:
+            raise DataError(f"--data-files {' '.join(data_files)} matches only files that --val-files holds out; "
+                            "name the training files with --data-files and the held-out ones with --val-files.")
         _check_parquet_columns(paths, text_column)
         corpus = _files_corpus(_name_from_globs(data_files), {"source": "files", "data_files": list(data_files),
                                "files": [str(p) for p in paths], "text_column": text_column}, paths, text_column)

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
-from nanokor.corpus import DataError, normalize, open_corpus
-from nanokor.generate import DTYPES, resolve_device, resolve_dtype
+from nanokor.atomic import atomic_write
+from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
+from nanokor.corpus import normalize, open_corpus
+from nanokor.device import DTYPES, resolve_device, resolve_dtype
+from nanokor.errors import EvalError, exit_on_error
 
 
 @torch.no_grad()
@@ -57,10 +59,6 @@ def evaluate_loss(model, batches, token_bytes: torch.Tensor, autocast=nullcontex
 
 
 # ---- command line ----------------------------------------------------------------------------
-
-class EvalError(Exception):
-    """Bad input to the evaluation command, explained in one paragraph."""
-
 
 def windows(docs, tokenizer, seq_len: int, max_tokens: int | None):
     """(x, y) rows of seq_len from the documents framed as in training (<s> text </s>), laid end to
@@ -100,6 +98,20 @@ def batches(rows, batch_size: int, seq_len: int, device, pad_id: int, progress):
         yield flush(chunk)
 
 
+def token_budget(text: str) -> int | None:
+    """--max-tokens: a positive count, or 'all' (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token budget: pass a positive number such as "
+                                         "200000, or 'all' to score every token")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.evaluate",
                                 description="Loss, perplexity and bits per byte of a checkpoint on any text.")
@@ -107,8 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-files", nargs="+", required=True,
                    help="globs of .txt (blank-line separated documents), .jsonl or .parquet files")
     p.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--max-tokens", type=int, default=1_000_000,
-                   help="token budget: score at most this many tokens (default 1,000,000; 0 = all)")
+    p.add_argument("--max-tokens", type=token_budget, default=1_000_000,
+                   help="token budget: score at most this many tokens (default 1,000,000), or 'all'")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -116,45 +128,47 @@ def main(argv=None) -> int:
                    help="autocast dtype; auto = bfloat16 on GPUs that support it, else float32")
     p.add_argument("--out", help="JSON results path (default: eval-<data name>.json beside the checkpoint)")
     args = p.parse_args(argv)
-    if args.max_tokens < 0 or args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
-        p.error("--max-tokens must be >= 0, --batch-size and --seq-len >= 1")
+    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        p.error("--batch-size and --seq-len must be >= 1")
     try:
-        device = resolve_device(args.device)
+        args.device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    dtype = resolve_dtype(args.dtype, device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
+    return exit_on_error(run, args)
 
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-        model, tokenizer = build_model(ckpt).to(device), build_tokenizer(ckpt)
-        seq_len = args.seq_len or model.config.max_seq_len
-        if seq_len > model.config.max_seq_len:
-            raise EvalError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len}); "
-                            "pass a smaller --seq-len or leave it out.")
-        corpus = open_corpus(data_files=args.data_files, text_column=args.text_column)
-        docs = (normalize(d) for d in corpus.documents() if d.strip())
-        budget = args.max_tokens or None
-        autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
-        token_bytes = torch.as_tensor(tokenizer.token_bytes, device=device)
-        with tqdm(total=budget, unit="tok", unit_scale=True, desc="scoring", dynamic_ncols=True) as progress:
-            pairs = windows(docs, tokenizer, seq_len, budget)
-            try:
-                result = evaluate_loss(model, batches(pairs, args.batch_size, seq_len, device, tokenizer.pad_id,
-                                                      progress), token_bytes, autocast)
-            except ValueError:  # evaluate_loss: nothing was scored
-                raise EvalError(f"{', '.join(args.data_files)} holds no text to score (every document is empty). "
-                                f"Check the files, or --text-column (now {args.text_column!r}).") from None
-    except (CheckpointError, DataError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    device, dtype = args.device, args.dtype
+    ckpt = load_checkpoint(args.ckpt)
+    model, tokenizer = build_model(ckpt).to(device), build_tokenizer(ckpt)
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise EvalError(f"--seq-len {seq_len} exceeds the model's max_seq_len ({model.config.max_seq_len}); "
+                        "pass a smaller --seq-len or leave it out.")
+    corpus = open_corpus(data_files=args.data_files, text_column=args.text_column)
+    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"eval-{corpus.name}.json")
+    docs = (normalize(d) for d in corpus.documents() if d.strip())
+    budget = args.max_tokens
+    autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype != torch.float32 else nullcontext
+    token_bytes = torch.as_tensor(tokenizer.token_bytes, device=device)
+    with tqdm(total=budget, unit="tok", unit_scale=True, desc="scoring", dynamic_ncols=True) as progress:
+        pairs = windows(docs, tokenizer, seq_len, budget)
+        try:
+            result = evaluate_loss(model, batches(pairs, args.batch_size, seq_len, device, tokenizer.pad_id,
+                                                  progress), token_bytes, autocast)
+        except ValueError:  # evaluate_loss: nothing was scored
+            raise EvalError(f"{', '.join(args.data_files)} holds no text to score (every document is empty). "
+                            f"Check the files, or --text-column (now {args.text_column!r}).") from None
 
     report = {"checkpoint": str(args.ckpt), "data_files": args.data_files, "files": corpus.info["files"],
               "text_column": args.text_column, **result, "seq_len": seq_len, "max_tokens": budget,
               "tokenizer_sha256": tokenizer.sha256, "dtype": str(dtype).removeprefix("torch."),
               "read_problems": dict(corpus.counts)}
-    out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"eval-{corpus.name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        atomic_write(out, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise EvalError(f"Cannot write the results to {out} ({e.strerror}). Pass a writable path with --out.") from None
     rows = [("checkpoint", str(args.ckpt)), ("data", f"{', '.join(args.data_files)} ({len(corpus.info['files'])} "
             "files)"), ("tokens scored", f"{result['tokens']:,}"), ("bytes scored", f"{result['bytes']:,}"),
             ("loss (nats/token)", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.2f}"),

@@ -15,14 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nanokor.checkpoint import CheckpointError, build_model, load_checkpoint
-from nanokor.generate import DTYPES
+from nanokor.checkpoint import build_model, load_checkpoint
+from nanokor.device import DTYPES
+from nanokor.errors import ExportError, NanokorError
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-
-class ExportError(Exception):
-    """A checkpoint that cannot be exported as an equivalent transformers model."""
 
 
 def hf_state_dict(model: Transformer) -> dict:
@@ -209,7 +206,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         files = export(load_checkpoint(args.ckpt), args.out, DTYPES[args.dtype])
-    except (CheckpointError, ExportError) as e:
+    except NanokorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in files:

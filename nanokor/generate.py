@@ -10,43 +10,15 @@ top-k, top-p, then a draw.
 Hangul syllable across tokens, so it feeds raw bytes through an incremental UTF-8 decoder that holds
 back an incomplete character until its last byte arrives instead of printing U+FFFD.
 
-The small helpers that sample.py, evaluate and the benchmark share (device and dtype choice, prompt
-encoding) live here too: they are about running a trained model, which is what this module does.
+Prompt encoding and the prompt-length rule (`room_to_generate`) live here too, for sample.py and
+train.py's eval sample alike.
 """
 
 import codecs
 
 import torch
 
-# The command-line tools take either spelling: train.py's config says bf16/fp32, torch says bfloat16/float32.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU. A bad or unavailable name is a ValueError whose message
-    the command-line tools pass to argparse's error (usage + message, exit code 2)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu.")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on GPUs that support it (half the memory traffic per token), else float32."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return DTYPES[name]
-
-
-class PromptError(Exception):
-    """A prompt that cannot be generated from: unreadable, empty after tokenization, or too long."""
+from nanokor.errors import PromptError
 
 
 def encode_prompt(tokenizer, text: str | None) -> list[int]:
@@ -60,6 +32,16 @@ def encode_prompt(tokenizer, text: str | None) -> list[int]:
         raise PromptError(f"The prompt {text!r} tokenizes to nothing, so there is no text to continue. Pass a "
                           "prompt with some text, or omit --prompt/--prompt-file to sample unconditionally.")
     return [tokenizer.bos_id, *ids]
+
+
+def room_to_generate(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """How many of max_new_tokens fit after a prompt of prompt_len tokens in the model's context. A
+    prompt that leaves no room at all is a PromptError."""
+    if prompt_len >= max_seq_len:
+        raise PromptError(f"The prompt is {prompt_len} tokens (with BOS), but the model's context is "
+                          f"{max_seq_len} tokens, which leaves no room to generate. Shorten the prompt to at most "
+                          f"{max_seq_len - 2} tokens.")
+    return min(max_new_tokens, max_seq_len - prompt_len)
 
 
 def _check_args(model, prompt_len: int, max_new_tokens: int, temperature, top_k, top_p, repetition_penalty):

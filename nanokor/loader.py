@@ -14,51 +14,15 @@ Ordering, which the training tests rely on:
   W ranks with batch_size B see at the same call; 4 calls with batch 2 see the same windows as 1 call
   with batch 8; and the whole state is one integer, the number of windows consumed so far.
 
-Tokens are read with pread, not through a memmap: a memmap's touched pages count toward the
-process's resident memory, which would grow to the dataset's size over a long run. The page cache
-still makes repeated reads cheap; resident memory stays flat.
-
 On CUDA, batches are staged in pinned memory and copied with non_blocking=True, so the copy
-overlaps the previous step's compute.
+overlaps the previous step's compute. Both loaders hold their shard files open; close() them.
 """
-
-import bisect
-import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanokor.corpus import DataError
-from nanokor.shards import DTYPE, HEADER_SIZE, check_header, shard_paths
-
-
-class TokenStream:
-    """The shards of one split, read as one token array (windows may cross shard boundaries)."""
-
-    def __init__(self, data_dir: str | Path, split: str, tokenizer_sha: str | None = None):
-        paths = shard_paths(data_dir, split)
-        self.sizes = [check_header(p, tokenizer_sha=tokenizer_sha).n_tokens for p in paths]
-        self.starts = np.cumsum([0] + self.sizes).tolist()
-        self.n_tokens = self.starts[-1]
-        self._files = [open(p, "rb") for p in paths]
-
-    def read(self, start: int, count: int) -> np.ndarray:
-        out = np.empty(count, dtype=DTYPE)
-        i, done = bisect.bisect_right(self.starts, start) - 1, 0
-        while done < count:
-            local = start + done - self.starts[i]
-            n = min(count - done, self.sizes[i] - local)
-            got = os.preadv(self._files[i].fileno(), [out[done:done + n].view(np.uint8)], HEADER_SIZE + 2 * local)
-            if got != 2 * n:
-                raise DataError(f"{self._files[i].name} changed while training (short read); re-run prepare.py.")
-            done, i = done + n, i + 1
-        return out
-
-    def windows(self, block_size: int) -> int:
-        """How many block_size+1 windows, every block_size tokens, fit in the stream."""
-        return max(0, (self.n_tokens - 1) // block_size)
+from nanokor.errors import DataError
+from nanokor.shards import DataDir
 
 
 def _to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +40,18 @@ def _to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor,
 class TrainLoader:
     """Training batches: see the module docstring for the ordering guarantees."""
 
-    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, device: str | torch.device = "cpu",
-                 tokenizer_sha: str | None = None):
+    def __init__(self, data: DataDir, block_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: str | torch.device = "cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
-        self.tokens = TokenStream(data_dir, "train", tokenizer_sha)
+        self.tokens = data.stream("train")
         self.n_windows = self.tokens.windows(block_size)
         if self.n_windows < batch_size * world_size:
-            raise DataError(f"{data_dir} has {self.tokens.n_tokens:,} training tokens: fewer than one global batch "
+            self.close()
+            raise DataError(f"{data} has {self.tokens.n_tokens:,} training tokens: fewer than one global batch "
                             f"of {batch_size} x {world_size} windows of {block_size}+1 tokens. Use a smaller "
                             "block_size or batch_size, or prepare more data.")
         self.position = 0  # windows of the global stream consumed so far
@@ -127,30 +91,40 @@ class TrainLoader:
                                  "resuming would not continue the same batch sequence.")
         self.position = int(state["position"])
 
+    def close(self) -> None:
+        self.tokens.close()
 
-def val_batches(data_dir: str | Path, block_size: int, batch_size: int, max_tokens: int | None, *, rank: int = 0,
-                world_size: int = 1, device: str | torch.device = "cpu",
-                tokenizer_sha: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+
+class ValBatches:
     """Validation batches, in order from the start of the val split, covering at most `max_tokens`
-    target tokens (None: the whole split). Windows are laid out like training's (stride block_size)
-    and dealt like training's (rank r takes sub-block r of each global batch), so every rank yields
-    the same number of batches and together they cover the same tokens whatever the world size."""
-    tokens = TokenStream(data_dir, "val", tokenizer_sha)
-    per_step = batch_size * world_size
-    budget = tokens.windows(block_size) if max_tokens is None else min(tokens.windows(block_size),
-                                                                      max_tokens // block_size)
-    steps = budget // per_step
-    if steps == 0:
-        raise DataError(f"The validation split of {data_dir} ({tokens.n_tokens:,} tokens) or the budget "
-                        f"({max_tokens} tokens) is smaller than one global batch of {batch_size} x {world_size} "
-                        f"windows of {block_size}+1 tokens. Use a smaller batch/block, a larger budget, or "
-                        "prepare with a larger --val-fraction.")
-    device = torch.device(device)
+    target tokens (None: the whole split); iterate it once per evaluation. Windows are laid out like
+    training's (stride block_size) and dealt like training's (rank r takes sub-block r of each global
+    batch), so every rank yields the same number of batches and together they cover the same tokens
+    whatever the world size. Built once per run: the split is opened and checked here, not at every
+    evaluation."""
 
-    def batches():
-        for step in range(steps):
-            first = step * per_step + rank * batch_size
-            windows = np.stack([tokens.read(k * block_size, block_size + 1) for k in range(first, first + batch_size)])
-            yield _to_device(windows, device)
+    def __init__(self, data: DataDir, block_size: int, batch_size: int, max_tokens: int | None, *,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
+        self.tokens = data.stream("val")
+        self.block_size, self.batch_size, self.rank = block_size, batch_size, rank
+        self.per_step = batch_size * world_size
+        windows = self.tokens.windows(block_size)
+        budget = windows if max_tokens is None else min(windows, max_tokens // block_size)
+        self.steps = budget // self.per_step
+        self.device = torch.device(device)
+        if self.steps == 0:
+            self.close()
+            raise DataError(f"The validation split of {data} ({self.tokens.n_tokens:,} tokens) or the budget "
+                            f"({max_tokens} tokens) is smaller than one global batch of {batch_size} x "
+                            f"{world_size} windows of {block_size}+1 tokens. Use a smaller batch/block, a larger "
+                            "budget, or prepare with a larger --val-fraction.")
 
-    return batches()
+    def __iter__(self):
+        t = self.block_size
+        for step in range(self.steps):
+            first = step * self.per_step + self.rank * self.batch_size
+            windows = np.stack([self.tokens.read(k * t, t + 1) for k in range(first, first + self.batch_size)])
+            yield _to_device(windows, self.device)
+
+    def close(self) -> None:
+        self.tokens.close()

@@ -20,17 +20,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanokor.atomic import atomic_write
-from nanokor.config import ConfigError
+from nanokor.errors import ConfigError
+from nanokor.rundir import RunDir
 
 
 class Logger:
-    def __init__(self, cfg, start_step: int, run_config: dict):
-        out_dir = Path(cfg.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / "metrics.jsonl"
+    def __init__(self, run: RunDir, cfg, start_step: int, run_config: dict):
+        self.path = run.metrics
         _drop_records_after(self.path, start_step)  # a resumed run rewrites the steps it repeats
         self.file = open(self.path, "a", encoding="utf-8")
-        self.wandb = start_wandb(cfg, run_config, resuming=start_step > 0)
+        self.wandb = start_wandb(run, cfg, run_config, resuming=start_step > 0)
         self.total, self.start_step = cfg.max_steps, start_step
         self.bar = None  # opened at the first step, so the start-up messages print above it
 
@@ -91,8 +90,8 @@ class NullLogger:
         pass
 
 
-def make_logger(cfg, is_master: bool, start_step: int, run_config: dict):
-    return Logger(cfg, start_step, run_config) if is_master else NullLogger()
+def make_logger(run: RunDir, cfg, is_master: bool, start_step: int, run_config: dict):
+    return Logger(run, cfg, start_step, run_config) if is_master else NullLogger()
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -113,7 +112,7 @@ def _parse_record(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def start_wandb(cfg, run_config: dict, resuming: bool = False):
+def start_wandb(run: RunDir, cfg, run_config: dict, resuming: bool = False):
     """A wandb run, or None. auto = online when an API key is configured, else offline; the WANDB_MODE
     environment variable decides for auto when it is set. A resumed run logs into the run it continues."""
     mode = cfg.wandb_mode
@@ -136,20 +135,20 @@ def start_wandb(cfg, run_config: dict, resuming: bool = False):
         mode = "offline"
     elif mode == "auto":
         mode = "online"
-    run_id = wandb_run_id(Path(cfg.out_dir), resuming)
+    run_id = wandb_run_id(run, resuming)
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
             return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=run_config,
-                              dir=cfg.out_dir, mode=attempt, id=run_id, resume="allow",
+                              dir=str(run), mode=attempt, id=run_id, resume="allow",
                               settings=wandb.Settings(init_timeout=30))
         except Exception as e:  # network and service errors come in many types; none may end the run
             warnings.warn(f"wandb could not start in {attempt} mode ({type(e).__name__}: {e}).")
     return None
 
 
-def wandb_run_id(out_dir: Path, resuming: bool) -> str:
-    """The wandb id of the run in out_dir: the saved one when resuming, else a fresh one, saved."""
-    path = out_dir / "wandb_run_id"
+def wandb_run_id(run: RunDir, resuming: bool) -> str:
+    """The wandb id of the run: the saved one when resuming, else a fresh one, saved."""
+    path = run.wandb_id
     if resuming and path.is_file():
         return path.read_text(encoding="utf-8").strip()
     run_id = uuid.uuid4().hex[:12]

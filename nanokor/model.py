@@ -8,8 +8,7 @@ here: the model is a plain `nn.Module` that knows nothing about DDP, DeepSpeed o
 """
 
 import math
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -27,8 +26,12 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 POSITION_ENCODINGS = ("rope", "sinusoidal")
 
 
+RUNTIME = {"runtime": True}  # a field that says how the model runs or starts, not what its weights mean
+
+
 @dataclass
 class ModelConfig:
+    # ---- the architecture: checkpoints save it, a resume must match it, export translates it ----
     vocab_size: int = 32000
     n_layer: int = 12
     n_head: int = 12
@@ -38,12 +41,13 @@ class ModelConfig:
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    dropout: float = 0.0
     tie_embeddings: bool = False
-    attention: str = "auto"  # auto | flash | sdpa | math
     position: str = "rope"  # rope | sinusoidal (the classic absolute baseline, for ablations)
-    gradient_checkpointing: bool = False
-    init_std: float = 0.02
+    # ---- runtime: free to differ between training, a resume and inference ----
+    dropout: float = field(default=0.0, metadata=RUNTIME)
+    attention: str = field(default="auto", metadata=RUNTIME)  # auto | flash | sdpa | math
+    gradient_checkpointing: bool = field(default=False, metadata=RUNTIME)
+    init_std: float = field(default=0.02, metadata=RUNTIME)
 
     def __post_init__(self):
         problems = [f"{key} must be positive, got {getattr(self, key)}" for key in
@@ -78,16 +82,21 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def architecture(self) -> dict:
+        """The architecture fields and their values: what a checkpoint stores as `model_config`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """From a checkpoint's `model_config`. Runtime fields that older checkpoints also stored are
+        dropped: the model runs with this machine's defaults (a flash-attn run loads where SDPA is all
+        there is)."""
+        runtime = {f.name for f in fields(cls) if f.metadata.get("runtime")}
+        known = {f.name for f in fields(cls)} - runtime
+        unknown = set(d) - known - runtime
         if unknown:
             raise ValueError(f"Unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class RMSNorm(nn.Module):
@@ -370,51 +379,3 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             n_matmul += self.lm_head.weight.numel()
         return 6 * n_matmul + 12 * c.n_layer * c.d_model * T
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices; leave norms and embeddings alone (decaying a lookup table only shrinks rare
-        tokens). A tied LM head shares the embedding's group."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
-
-
-# Dense (no sparsity) peak TFLOP/s by device name: (bf16/fp16 tensor cores, fp32 non-tensor). Vendor
-# datasheet figures. Names match as whole words ("L4" is not "L40S"); the first match wins, so more
-# specific names come first.
-PEAK_TFLOPS = (
-    ("H100 PCIe", (756.0, 51.0)),
-    ("H100 NVL", (835.0, 60.0)),
-    ("H100", (989.0, 67.0)),
-    ("H200", (989.0, 67.0)),
-    ("A100", (312.0, 19.5)),
-    ("L40S", (362.0, 91.6)),
-    ("L40", (181.0, 90.5)),
-    ("L4", (121.0, 30.3)),
-    ("4090", (165.2, 82.6)),
-)
-
-
-def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Datasheet peak FLOP/s of a known GPU for this dtype, or None (CPUs, unknown cards). fp32 matmuls
-    run on TF32 tensor cores when torch's matmul precision allows it (train.py does), whose peak is
-    half the bf16 one on all of these cards."""
-    for pattern, (half, single) in PEAK_TFLOPS:
-        if re.search(rf"\b{re.escape(pattern)}\b", device_name):
-            if dtype in (torch.bfloat16, torch.float16):
-                return half * 1e12
-            return (half / 2 if torch.get_float32_matmul_precision() != "highest" else single) * 1e12
-    return None
-
-
-def estimate_mfu(flops_per_token: float, tokens_per_second: float, device_name: str,
-                 dtype: torch.dtype, n_devices: int = 1) -> float | None:
-    """Model FLOPs utilisation: achieved FLOP/s over the devices' peak, None when the peak is unknown."""
-    peak = peak_flops(device_name, dtype)
-    if peak is None:
-        return None
-    return flops_per_token * tokens_per_second / (peak * n_devices)

@@ -16,6 +16,9 @@ import math
 import sys
 from pathlib import Path
 
+from nanokor.errors import PlotError, exit_on_error
+from nanokor.rundir import RunDir
+
 # (panel title, [(metrics key, legend suffix)]); a panel is drawn only when some run logged a key.
 PANELS = (
     ("loss", (("loss", "train"), ("val_loss", "val"))),
@@ -24,10 +27,6 @@ PANELS = (
 )
 X_AXES = (("step", "step"), ("tokens", "tokens seen"))
 ATTENTION_MAX_TOKENS = 64  # beyond this, per-token tick labels stop being legible
-
-
-class PlotError(Exception):
-    """Bad input for a plot: missing files, nothing to draw, or matplotlib not installed."""
 
 
 def _pyplot():
@@ -46,7 +45,7 @@ def _pyplot():
 def read_metrics(run_dir) -> list[dict]:
     """The records of run_dir/metrics.jsonl. Lines that are not JSON objects (a write cut short by a
     crash or a run still going) are skipped with a note rather than failing the plot."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         hint = "" if Path(run_dir).is_dir() else f" ({run_dir} is not a directory)"
         raise PlotError(f"No metrics.jsonl in {run_dir}{hint}. Pass the out directory of a training run "
@@ -253,12 +252,9 @@ def attention_figure(model, tokenizer, text: str, layers: str):
 def _load(ckpt_path):
     """Model and tokenizer of a checkpoint. Imported here: training curves need neither torch nor the
     model, so `python -m nanokor.plot out/` starts fast."""
-    from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
+    from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except CheckpointError as e:
-        raise PlotError(str(e)) from None
+    ckpt = load_checkpoint(ckpt_path)
     return build_model(ckpt), build_tokenizer(ckpt)
 
 
@@ -272,26 +268,25 @@ def main(argv=None) -> int:
     p.add_argument("--text", help="sentence for --attention")
     p.add_argument("--layers", default="0,-1", help="layers for --attention, comma-separated (default: 0,-1)")
     args = p.parse_args(argv)
+    return exit_on_error(run, args)
 
-    try:
-        if args.attention:
-            if not args.ckpt or args.text is None:
-                raise PlotError("--attention needs --ckpt and --text, e.g. python -m nanokor.plot --attention "
-                                "--ckpt out/last.pt --text \"한국어 문장입니다.\"")
-            fig, note = attention_figure(*_load(args.ckpt), args.text, args.layers)
-            path = save(fig, args.out or Path(args.ckpt).with_name("attention.png"))
-            if note:
-                print(f"note: {note}", file=sys.stderr)
-        else:
-            if not args.runs:
-                raise PlotError("Pass at least one training out directory, e.g. python -m nanokor.plot out/ "
-                                "(or --attention --ckpt out/last.pt --text ... for attention maps).")
-            fig = metrics_figure(args.runs)
-            path = save(fig, args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
-                                          else "metrics.png"))
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    if args.attention:
+        if not args.ckpt or args.text is None:
+            raise PlotError("--attention needs --ckpt and --text, e.g. python -m nanokor.plot --attention "
+                            "--ckpt out/last.pt --text \"한국어 문장입니다.\"")
+        fig, note = attention_figure(*_load(args.ckpt), args.text, args.layers)
+        path = save(fig, args.out or Path(args.ckpt).with_name("attention.png"))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        if not args.runs:
+            raise PlotError("Pass at least one training out directory, e.g. python -m nanokor.plot out/ "
+                            "(or --attention --ckpt out/last.pt --text ... for attention maps).")
+        fig = metrics_figure(args.runs)
+        path = save(fig, args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
+                                      else "metrics.png"))
     print(f"wrote {path}")
     return 0
 

@@ -1,5 +1,4 @@
-"""Token shards: the on-disk format, the (atomic) writer, the (validated) reader, and the parallel
-encoder that turns a corpus into train/val shards.
+"""The on-disk data format: token shards, and the prepared data directory that holds them.
 
 A shard is a 256-byte header followed by uint16 token ids (little-endian):
 
@@ -15,28 +14,26 @@ A shard is a 256-byte header followed by uint16 token ids (little-endian):
 Every document is framed as <s> text </s> (bos, tokens, eos): the model sees where documents start,
 so generation can begin from <s>, and learns to end them, so generation can stop at </s>.
 
-A data directory is complete only once meta.json exists: it is written last, by rename, and lists
-the shards; `shard_paths` reads the list from it. Shards are likewise written to a .tmp name and
-renamed when whole, so a killed prepare.py leaves nothing that looks finished.
+A prepared directory (`DataDir`) holds tokenizer.model, token_bytes.npy, train_000000.bin …,
+val_000000.bin … and meta.json. It is complete only once meta.json exists: it is written last, by
+rename, and lists the shards. Shards are likewise written under a temporary name and renamed when
+whole, so a killed prepare.py leaves nothing that looks finished. The encoding pipeline that writes
+them is nanokor/encode.py; this module is what readers need.
 """
 
-import hashlib
+import bisect
 import json
-import multiprocessing as mp
 import os
 import struct
-import sys
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 
-from nanokor.atomic import atomic_write
-from nanokor.corpus import DataError, clean
-from nanokor.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from nanokor.atomic import AtomicFile, atomic_write
+from nanokor.errors import DataError, ShardError
+from nanokor.tokenizer import Tokenizer
 
 MAGIC = b"NKSHARD\0"
 VERSION = 1
@@ -44,10 +41,6 @@ DTYPE = "<u2"
 HEADER_SIZE = 256
 _HEADER = struct.Struct("<8sIIQ8s32s")
 SPLITS = ("train", "val")
-
-
-class ShardError(DataError):
-    """A shard that cannot be used as is: wrong file, truncated, or made with another tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -105,196 +98,142 @@ def read_shard(path: str | Path, *, tokenizer_sha: str | None = None, vocab_size
     return np.memmap(path, dtype=DTYPE, mode="r", offset=HEADER_SIZE, shape=(header.n_tokens,))
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared data directory: it has no meta.json (prepare.py writes it "
-                        "last, so an interrupted run leaves none). Run `python prepare.py --dataset sample` "
-                        "or see `python prepare.py --help`.")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def write_meta(data_dir: str | Path, meta: dict) -> None:
-    atomic_write(Path(data_dir) / "meta.json", json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
-
-
-def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
-    """The shards of one split ("train" or "val"), in order, as listed by the directory's meta.json."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    return [Path(data_dir) / s["file"] for s in read_meta(data_dir)["shards"][split]]
-
-
 class ShardWriter:
     """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, … of `shard_tokens` tokens each.
 
-    Each shard is written as `<name>.tmp` with a placeholder header, completed with the real header,
-    fsynced, then renamed: a crash before the rename leaves only a .tmp file.
+    Each shard is an `AtomicFile`: written with a placeholder header, completed with the real header,
+    then committed (fsync, rename); a crash before the rename leaves only a temporary file.
     """
 
     def __init__(self, out_dir: str | Path, split: str, *, shard_tokens: int, vocab_size: int, tokenizer_sha: str):
         self.out_dir, self.split, self.shard_tokens = Path(out_dir), split, shard_tokens
         self.vocab_size, self.tokenizer_sha = vocab_size, tokenizer_sha
         self.shards: list[dict] = []  # {"file": name, "tokens": n} of each finished shard
-        self._file = None
+        self._shard: AtomicFile | None = None
         self._count = 0
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens, dtype=DTYPE)
         while len(tokens):
-            if self._file is None:
-                name = f"{self.split}_{len(self.shards):06d}.bin"
-                self._file = open(self.out_dir / (name + ".tmp"), "wb", buffering=1 << 20)
-                self._file.write(b"\0" * HEADER_SIZE)
+            if self._shard is None:
+                self._shard = AtomicFile(self.out_dir / f"{self.split}_{len(self.shards):06d}.bin", buffering=1 << 20)
+                self._shard.file.write(b"\0" * HEADER_SIZE)
                 self._count = 0
             part, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count:]
-            self._file.write(part.tobytes())
+            self._shard.file.write(part.tobytes())
             self._count += len(part)
             if self._count == self.shard_tokens:
                 self._finish()
 
     def close(self) -> list[dict]:
-        if self._file is not None:
+        if self._shard is not None:
             self._finish()
         return self.shards
 
     def _finish(self) -> None:
-        f, self._file = self._file, None
-        f.seek(0)
-        f.write(pack_header(self.vocab_size, self._count, self.tokenizer_sha))
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        tmp = Path(f.name)
-        os.replace(tmp, tmp.with_suffix(""))  # drop ".tmp"
-        self.shards.append({"file": tmp.with_suffix("").name, "tokens": self._count})
+        shard, self._shard = self._shard, None
+        shard.file.seek(0)
+        shard.file.write(pack_header(self.vocab_size, self._count, self.tokenizer_sha))
+        shard.commit()
+        self.shards.append({"file": shard.path.name, "tokens": self._count})
 
 
-# ---------------------------------------------------------------------------------------------
-# Document split and the parallel encoder
+class TokenStream:
+    """The shards of one split, read as one token array (windows may cross shard boundaries).
 
-
-def doc_key(utf8: bytes) -> int:
-    """64-bit content hash of a clean document's UTF-8: the key for exact dedup and for the split."""
-    return int.from_bytes(hashlib.sha1(utf8).digest()[:8], "little")  # sha1: twice blake2b's speed here
-
-
-def split_of(key: int, val_fraction: float) -> str:
-    """Which split a document belongs to, from its content alone: the same text always lands in the
-    same split, whatever else is in the corpus and in whatever order it is read."""
-    return "val" if _in_val(key, val_fraction) else "train"
-
-
-def _in_val(key, val_fraction: float):
-    """`split_of`'s rule, for one key or a uint64 array of them."""
-    return key % 1_000_000 < val_fraction * 1_000_000
-
-
-_worker_tokenizer: Tokenizer | None = None
-_BOS, _EOS = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)  # framing, in SentencePiece's dtype
-_NUMPY_IDS = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")  # numpy output: recent sentencepiece (0.2.3)
-
-
-def _init_worker(model_bytes: bytes) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_bytes)
-
-
-def _encode_part(part) -> dict:
-    """Worker: read, clean, hash, measure and tokenize one unit of work (see `Corpus.tasks`). Returns
-    per document its key and measures, and all of its tokens as <s> … </s> runs back to back."""
-    counts: Counter = Counter()
-    utf8s, keys, n_chars, n_hangul = [], [], [], []
-    for raw in part.read(counts):
-        text, utf8 = clean(raw, counts)
-        if not text or text.isspace():
-            counts["empty"] += 1
-            continue
-        utf16 = np.frombuffer(text.encode("utf-16-le"), dtype=np.uint16)
-        utf8s.append(utf8)
-        keys.append(doc_key(utf8))
-        n_chars.append(len(text))
-        n_hangul.append(np.count_nonzero(utf16 - np.uint16(0xAC00) <= 0xD7A3 - 0xAC00))  # syllables 가..힣
-    ids = _encode_ids(_worker_tokenizer.sp, utf8s)
-    framed = [run for doc in ids for run in (_BOS, doc, _EOS)]  # ids < vocab <= 65535: the cast below is exact
-    return dict(keys=keys, counts=counts,
-                ids=np.concatenate(framed, dtype=DTYPE, casting="unsafe") if framed else np.zeros(0, DTYPE),
-                tokens=np.fromiter(map(len, ids), np.int64, len(ids)) + 2,
-                bytes=np.fromiter(map(len, utf8s), np.int64, len(utf8s)),
-                characters=np.array(n_chars, np.int64), hangul=np.array(n_hangul, np.int64))
-
-
-def _encode_ids(sp, utf8s: list[bytes]) -> list[np.ndarray]:
-    """Each document's token ids, as an array. UTF-8 in, because SentencePiece would otherwise convert
-    every str again (the text is already NFC, so no encode_batch pass either)."""
-    if _NUMPY_IDS:  # one buffer per document, no Python int per token
-        return sp.encode(utf8s, num_threads=1, out_type="numpy")
-    return [np.array(doc, np.int32) for doc in sp.encode(utf8s, num_threads=1)]
-
-
-def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
-    """map(fn, items) over `num_proc` worker processes, in order, with at most 4 tasks per worker in
-    flight: enough queued work that a worker never waits on this process (reading the Hugging Face
-    stream in bursts, or writing), while results never pile up, so memory stays bounded for any corpus."""
-    if num_proc <= 1:
-        init(*init_args)
-        yield from map(fn, items)
-        return
-    # fork starts workers in milliseconds; spawn re-imports everything in each (~1 s, a third of a small
-    # run). The workers touch numpy, sentencepiece and pyarrow's parquet reader without its thread pools
-    # (see corpus._row_group), never the threads the parent may hold (pyarrow's pools, datasets, tqdm),
-    # the same bet `datasets.map(num_proc=...)` makes. Elsewhere (macOS, where fork is unsafe, and
-    # Windows) spawn.
-    method = "fork" if sys.platform == "linux" else "spawn"
-    with mp.get_context(method).Pool(num_proc, init, init_args) as pool:
-        pending = deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 4 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def encode_to_shards(tasks: Iterable, tokenizer: Tokenizer, out_dir: str | Path, *, val_fraction: float,
-                     shard_tokens: int, num_proc: int, progress=None) -> dict:
-    """Read, clean, deduplicate, split and tokenize a corpus into train/val shards in `out_dir`.
-
-    `tasks` are units of work in source order, each with `read(counts)` (see `Corpus.tasks`). Workers
-    read, clean and encode them in parallel; this process only dedups (a set of 64-bit keys, ~70
-    bytes per document: the one thing that grows with the corpus), frames and writes, taking results
-    in source order so that the first copy of a document is the one kept. Returns counts per split,
-    cleaning counts and the shard list, for meta.json.
+    Tokens are read with pread, not through a memmap: a memmap's touched pages count toward the
+    process's resident memory, which would grow to the dataset's size over a long run. The page cache
+    still makes repeated reads cheap; resident memory stays flat.
     """
-    writers = {s: ShardWriter(out_dir, s, shard_tokens=shard_tokens, vocab_size=tokenizer.vocab_size,
-                              tokenizer_sha=tokenizer.sha256) for s in SPLITS}
-    stats = {s: Counter(documents=0, characters=0, bytes=0, hangul=0, tokens=0) for s in SPLITS}
-    cleaning: Counter = Counter()
-    seen: set[int] = set()
-    results = _ordered_map(_encode_part, tasks, num_proc, _init_worker, (tokenizer.model_bytes,))
-    for r in results:
-        cleaning.update(r["counts"])
-        new = _first_seen(r["keys"], seen)
-        cleaning["duplicates"] += len(new) - int(np.count_nonzero(new))
-        in_val = _in_val(np.array(r["keys"], np.uint64), val_fraction)
-        for split, keep in (("train", new & ~in_val), ("val", new & in_val)):
-            if keep.any():
-                writers[split].write(r["ids"] if keep.all() else r["ids"][np.repeat(keep, r["tokens"])])
-                st = stats[split]
-                st["documents"] += int(np.count_nonzero(keep))
-                for name in ("characters", "bytes", "hangul", "tokens"):
-                    st[name] += int(r[name][keep].sum())
-        if progress is not None:
-            progress(int(r["bytes"].sum()), len(r["ids"]))
-    shards = {s: w.close() for s, w in writers.items()}
-    return {"splits": {s: dict(c) for s, c in stats.items()}, "cleaning": dict(cleaning), "shards": shards}
+
+    def __init__(self, paths: list[Path], tokenizer_sha: str | None = None):
+        self.sizes = [check_header(p, tokenizer_sha=tokenizer_sha).n_tokens for p in paths]
+        self.starts = np.cumsum([0] + self.sizes).tolist()
+        self.n_tokens = self.starts[-1]
+        self._files = [open(p, "rb") for p in paths]
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=DTYPE)
+        i, done = bisect.bisect_right(self.starts, start) - 1, 0
+        while done < count:
+            local = start + done - self.starts[i]
+            n = min(count - done, self.sizes[i] - local)
+            got = os.preadv(self._files[i].fileno(), [out[done:done + n].view(np.uint8)], HEADER_SIZE + 2 * local)
+            if got != 2 * n:
+                raise DataError(f"{self._files[i].name} changed while training (short read); re-run prepare.py.")
+            done, i = done + n, i + 1
+        return out
+
+    def windows(self, block_size: int) -> int:
+        """How many block_size+1 windows, every block_size tokens, fit in the stream."""
+        return max(0, (self.n_tokens - 1) // block_size)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
 
 
-def _first_seen(keys: list[int], seen: set[int]) -> np.ndarray:
-    """Mask of the keys met for the first time (not in `seen`, nor earlier in `keys`); adds them to `seen`."""
-    new = np.zeros(len(keys), bool)
-    for i, key in enumerate(keys):
-        if key not in seen:
-            seen.add(key)
-            new[i] = True
-    return new
+class DataDir:
+    """A directory prepare.py wrote: the one place that knows its layout.
+
+    Readers (train.py, evaluate, benchmarks) open it and take the tokenizer, the byte table and token
+    streams from it; prepare.py writes one through `write_tokenizer` and `write_meta` (meta.json last).
+    """
+
+    TOKENIZER, TOKEN_BYTES, META = "tokenizer.model", "token_bytes.npy", "meta.json"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @cached_property
+    def meta(self) -> dict:
+        path = self.path / self.META
+        if not path.is_file():
+            raise DataError(f"{self.path} is not a prepared data directory: it has no meta.json (prepare.py writes "
+                            "it last, so an interrupted run leaves none). Run `python prepare.py --dataset sample` "
+                            "for data/sample, or point data_dir at the directory prepare.py wrote.")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        path = self.path / self.TOKENIZER
+        if not path.is_file():
+            raise DataError(f"No prepared data in {self.path} (no {self.TOKENIZER}). Prepare it first, e.g. "
+                            "`python prepare.py --dataset sample` for data/sample, or point data_dir at the "
+                            "directory prepare.py wrote.")
+        tokenizer = Tokenizer.load(path)
+        if self.tokenizer_sha not in (None, tokenizer.sha256):
+            raise DataError(f"{path} is not the tokenizer {self.path} was prepared with (meta.json records "
+                            f"{self.tokenizer_sha[:12]}…, the file is {tokenizer.sha256[:12]}…): its ids would "
+                            "mean other text. Restore the original file, or re-run prepare.py.")
+        return tokenizer
+
+    @property
+    def tokenizer_sha(self) -> str | None:
+        """The SHA-256 of the tokenizer the shards were encoded with, as meta.json records it."""
+        return self.meta.get("tokenizer", {}).get("sha256")
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """The shards of one split ("train" or "val"), in order, as listed by meta.json."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        return [self.path / s["file"] for s in self.meta["shards"][split]]
+
+    def stream(self, split: str) -> TokenStream:
+        """One split's tokens, each shard checked against the tokenizer meta.json records; close() it."""
+        return TokenStream(self.shard_paths(split), self.tokenizer_sha)
+
+    def write_tokenizer(self, tokenizer: Tokenizer) -> dict:
+        """tokenizer.model and token_bytes.npy (each token's UTF-8 length, for tools outside nanokor);
+        returns their entry for meta.json."""
+        atomic_write(self.path / self.TOKENIZER, tokenizer.model_bytes)
+        atomic_write(self.path / self.TOKEN_BYTES, lambda f: np.save(f, tokenizer.token_bytes))
+        return {"file": self.TOKENIZER, "token_bytes": self.TOKEN_BYTES, "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size}
+
+    def write_meta(self, meta: dict) -> None:
+        atomic_write(self.path / self.META, json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
+        self.__dict__.pop("meta", None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from nanokor.corpus import DataError
+from nanokor.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MAX_VOCAB = 65_535  # token ids are stored as uint16
@@ -53,12 +53,6 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         return cls(Path(path).read_bytes())
-
-    def save(self, directory: str | Path) -> None:
-        """Write tokenizer.model and token_bytes.npy (the byte table, for tools outside nanokor)."""
-        directory = Path(directory)
-        (directory / "tokenizer.model").write_bytes(self.model_bytes)
-        np.save(directory / "token_bytes.npy", self.token_bytes)
 
     @cached_property
     def sha256(self) -> str:

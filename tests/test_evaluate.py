@@ -45,14 +45,14 @@ def test_windows_score_every_token_after_the_first_exactly_once(tokenizer):
 
 
 def test_whole_text_bits_per_byte_counts_exactly_its_utf8_bytes(ckpt, text_file, tmp_path, tokenizer):
-    r = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", 0, "--out", tmp_path / "r.json")
+    r = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", "all", "--out", tmp_path / "r.json")
     assert r["bytes"] == sum(len(d.encode("utf-8")) for d in DOCS)
     assert r["tokens"] == sum(len(tokenizer.encode(d)) + 2 for d in DOCS) - 1  # bos/eos framed, first unscored
     assert r["ppl"] == pytest.approx(torch.tensor(r["loss"]).exp().item(), rel=1e-6)
 
 
 def test_loss_and_bpb_match_a_direct_computation(ckpt, text_file, tmp_path, tokenizer):
-    r = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", 0, "--seq-len", 32,
+    r = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", "all", "--seq-len", 32,
                  "--batch-size", 3, "--out", tmp_path / "r.json")
     model = build_model(load_checkpoint(ckpt))
     nats = nats_text = 0.0
@@ -77,8 +77,8 @@ def test_models_with_different_tokenizers_score_the_same_bytes(ckpt, text_file, 
     other_tok = train_tokenizer([normalize(d) for d in open_corpus("sample").documents()], vocab_size=2048,
                                 model_type="unigram")
     other = make_checkpoint(tmp_path / "other.pt", other_tok)
-    a = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", 0, "--out", tmp_path / "a.json")
-    b = evaluate("--ckpt", other, "--data-files", text_file, "--max-tokens", 0, "--out", tmp_path / "b.json")
+    a = evaluate("--ckpt", ckpt, "--data-files", text_file, "--max-tokens", "all", "--out", tmp_path / "a.json")
+    b = evaluate("--ckpt", other, "--data-files", text_file, "--max-tokens", "all", "--out", tmp_path / "b.json")
     assert a["tokens"] != b["tokens"] and a["bytes"] == b["bytes"]
 
 

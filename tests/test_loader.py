@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanokor.corpus import DataError
-from nanokor.loader import TrainLoader, val_batches
-from nanokor.shards import ShardError, ShardWriter, write_meta
-from nanokor.tokenizer import Tokenizer
+from nanokor.errors import DataError
+from nanokor.loader import TrainLoader, ValBatches
+from nanokor.shards import DataDir, ShardError, ShardWriter
 
 SHA = hashlib.sha256(b"tokenizer").hexdigest()
 T = 8  # block size
@@ -22,8 +21,8 @@ def make_data_dir(path, n_train: int, n_val: int = 0, shard_tokens: int = 997):
         writer = ShardWriter(path, split, shard_tokens=shard_tokens, vocab_size=65535, tokenizer_sha=SHA)
         writer.write(np.arange(n, dtype=np.uint16))
         listed[split] = writer.close()
-    write_meta(path, {"shards": listed})
-    return path
+    DataDir(path).write_meta({"shards": listed, "tokenizer": {"sha256": SHA}})
+    return DataDir(path)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def starts(x: torch.Tensor) -> list[int]:
 
 
 def test_windows_are_the_stream_shifted_by_one(data_dir):
-    loader = TrainLoader(data_dir, T, 5, tokenizer_sha=SHA)
+    loader = TrainLoader(data_dir, T, 5)
     for _ in range(3):
         x, y = loader.next_batch()
         assert x.shape == y.shape == (5, T) and x.dtype == y.dtype == torch.int64
@@ -101,32 +100,37 @@ def test_resume_is_exact(data_dir):
 
 
 def test_val_batches_are_sequential_rank_disjoint_and_budgeted(data_dir):
-    all_windows = [starts(x) for x, _ in val_batches(data_dir, T, 4, None)]
+    all_windows = [starts(x) for x, _ in ValBatches(data_dir, T, 4, None)]
     assert sum(all_windows, []) == list(range(0, 2000 // T // 4 * 4 * T, T))
-    per_rank = [list(val_batches(data_dir, T, 2, 10 * 4 * T, rank=r, world_size=2)) for r in range(2)]
+    per_rank = [list(ValBatches(data_dir, T, 2, 10 * 4 * T, rank=r, world_size=2)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 10
     for step, ((x0, y0), (x1, y1)) in enumerate(zip(*per_rank)):
         assert starts(torch.cat([x0, x1])) == all_windows[step]
         assert torch.equal(y0, x0 + 1)
     with pytest.raises(DataError, match="validation split"):
-        val_batches(data_dir, T, 300, None)
+        ValBatches(data_dir, T, 300, None)
 
 
 def test_wrong_tokenizer_and_too_little_data_are_refused(data_dir, tmp_path):
+    other = DataDir(tmp_path / "other")  # the same shards, listed under another tokenizer
+    other.write_meta({**data_dir.meta, "tokenizer": {"sha256": hashlib.sha256(b"other").hexdigest()}})
+    for shard in data_dir.path.glob("*.bin"):
+        (other.path / shard.name).symlink_to(shard)
     with pytest.raises(ShardError, match="tokenizer"):
-        TrainLoader(data_dir, T, 2, tokenizer_sha=hashlib.sha256(b"other").hexdigest())
+        TrainLoader(other, T, 2)
     with pytest.raises(DataError, match="fewer than one global batch"):
         TrainLoader(data_dir, 1024, 3)
     with pytest.raises(DataError, match="no meta.json"):
-        TrainLoader(tmp_path, T, 2)
+        TrainLoader(DataDir(tmp_path / "empty"), T, 2)
 
 
 def test_sample_data_dir_feeds_the_loader(sample_data_dir):
-    tok = Tokenizer.load(sample_data_dir / "tokenizer.model")
-    loader = TrainLoader(sample_data_dir, 64, 4, tokenizer_sha=tok.sha256)
+    data = DataDir(sample_data_dir)
+    tok = data.tokenizer
+    loader = TrainLoader(data, 64, 4)
     x, y = loader.next_batch()
     assert int(x.max()) < tok.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
-    assert len(list(val_batches(sample_data_dir, 64, 4, 4 * 64 * 2, tokenizer_sha=tok.sha256))) == 2
+    assert len(list(ValBatches(data, 64, 4, 4 * 64 * 2))) == 2
 
 
 def _rss_bytes() -> int:
@@ -141,8 +145,8 @@ def test_memory_stays_flat_over_a_full_pass(tmp_path):
     data_dir.mkdir()
     writer = ShardWriter(data_dir, "train", shard_tokens=n, vocab_size=65535, tokenizer_sha=SHA)
     writer.write(np.zeros(n, dtype=np.uint16))
-    write_meta(data_dir, {"shards": {"train": writer.close(), "val": []}})
-    loader = TrainLoader(data_dir, 2048, 64)
+    DataDir(data_dir).write_meta({"shards": {"train": writer.close(), "val": []}})
+    loader = TrainLoader(DataDir(data_dir), 2048, 64)
     before = _rss_bytes()
     for _ in range(loader.n_windows // 64):
         loader.next_batch()

@@ -16,7 +16,7 @@ import pytest
 from nanokor import shards
 from nanokor.corpus import SAMPLE_DIR, DataError
 from nanokor.loader import TrainLoader
-from nanokor.shards import read_meta, read_shard, shard_paths
+from nanokor.shards import DataDir, read_shard
 from nanokor.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def cli(*args, cwd=REPO):
 def decoded_documents(data_dir: Path, split: str) -> list[str]:
     """Split a split's token stream on the <s> … </s> framing and decode each document."""
     tok = Tokenizer.load(data_dir / "tokenizer.model")
-    tokens = np.concatenate([read_shard(p, tokenizer_sha=tok.sha256) for p in shard_paths(data_dir, split)])
+    tokens = np.concatenate([read_shard(p, tokenizer_sha=tok.sha256) for p in DataDir(data_dir).shard_paths(split)])
     bos, eos = np.flatnonzero(tokens == tok.bos_id), np.flatnonzero(tokens == tok.eos_id)
     assert len(bos) == len(eos) and np.all(bos < eos) and np.all(eos[:-1] < bos[1:])
     assert bos[0] == 0 and eos[-1] == len(tokens) - 1
@@ -49,7 +49,7 @@ def test_sample_shards_decode_back_to_the_sample_text(sample_data_dir):
 
 
 def test_sample_meta_counts_agree_with_the_shards(sample_data_dir):
-    meta = read_meta(sample_data_dir)
+    meta = DataDir(sample_data_dir).meta
     model = (sample_data_dir / "tokenizer.model").read_bytes()
     assert meta["tokenizer"]["sha256"] == hashlib.sha256(model).hexdigest()
     assert meta["tokenizer"]["vocab_size"] == Tokenizer(model).vocab_size < 32000
@@ -61,7 +61,7 @@ def test_sample_meta_counts_agree_with_the_shards(sample_data_dir):
         assert s["documents"] == len(docs)
         assert s["bytes"] == sum(len(d.encode()) for d in docs)
         assert s["characters"] == sum(map(len, docs))
-        assert s["tokens"] == sum(read_shard(p).size for p in shard_paths(sample_data_dir, split))
+        assert s["tokens"] == sum(read_shard(p).size for p in DataDir(sample_data_dir).shard_paths(split))
     val = meta["splits"]["val"]
     c = meta["compression"]
     assert c["split"] == "val"
@@ -88,7 +88,7 @@ def test_local_files_end_to_end_and_split_stability(tmp_path):
     proc = cli("--data-files", tmp_path / "corpus/*.parquet", tmp_path / "corpus/*.jsonl", tmp_path / "corpus/*.txt",
                "--out", out, "--val-fraction", "0.2", "--vocab-size", "320", "--num-proc", "2")
     assert proc.returncode == 0, proc.stderr
-    meta = read_meta(out)
+    meta = DataDir(out).meta
     assert meta["cleaning"] == {"duplicates": 1, "empty": 1, "nfc_changed": 1, "control_chars_stripped": 1,
                                 "invalid_utf8_docs": 1}
     train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
@@ -101,7 +101,7 @@ def test_local_files_end_to_end_and_split_stability(tmp_path):
     assert cli("--data-files", tmp_path / "again/all.txt", "--out", again, "--val-fraction", "0.2",
                "--tokenizer", out / "tokenizer.model").returncode == 0
     assert set(decoded_documents(again, "val")) == set(val)
-    assert read_meta(again)["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
+    assert DataDir(again).meta["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
 
 
 def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path):
@@ -137,8 +137,8 @@ def test_bad_input_is_one_clear_paragraph(args, words, tmp_path):
 def test_killed_run_leaves_no_complete_looking_output(sample_data_dir, tmp_path, monkeypatch):
     renames = []
 
-    def crash_on_second_rename(src, dst):
-        renames.append(dst)
+    def crash_on_second_rename(src, dst):  # of a shard: the tokenizer files are renamed into place too
+        renames.append(dst) if Path(dst).suffix == ".bin" else None
         if len(renames) == 2:
             raise KeyboardInterrupt("killed")
         return real_replace(src, dst)
@@ -152,9 +152,9 @@ def test_killed_run_leaves_no_complete_looking_output(sample_data_dir, tmp_path,
         prepare.main(argv)
     partial = tmp_path / "out.partial"
     assert not out.exists() and not (partial / "meta.json").exists()
-    assert (partial / "train_000000.bin").exists() and (partial / "train_000001.bin.tmp").exists()
+    assert (partial / "train_000000.bin").exists() and not (partial / "train_000001.bin").exists()
     with pytest.raises(DataError, match="no meta.json"):
-        TrainLoader(partial, 16, 2)
+        TrainLoader(DataDir(partial), 16, 2)
     monkeypatch.setattr(shards.os, "replace", real_replace)
     assert prepare.main(argv) == 0  # a rerun clears the leftovers
     assert not partial.exists() and (out / "meta.json").exists()
@@ -165,7 +165,7 @@ def test_an_interrupted_overwrite_keeps_the_old_data_whole(sample_data_dir, tmp_
     argv = ["--data-files", str(SAMPLE_DIR / "history.txt"), "--out", str(out), "--tokenizer",
             str(sample_data_dir / "tokenizer.model"), "--num-proc", "1"]
     assert prepare.main(argv) == 0
-    before = read_meta(out)
+    before = DataDir(out).meta
     real_replace = os.replace
 
     def killed_before_the_new_data_is_in_place(src, dst):
@@ -176,10 +176,10 @@ def test_an_interrupted_overwrite_keeps_the_old_data_whole(sample_data_dir, tmp_
     monkeypatch.setattr(prepare.os, "replace", killed_before_the_new_data_is_in_place)
     with pytest.raises(KeyboardInterrupt):
         prepare.main([*argv, "--overwrite"])
-    assert not out.exists() and read_meta(tmp_path / "out.old") == before  # moved aside, whole
+    assert not out.exists() and DataDir(tmp_path / "out.old").meta == before  # moved aside, whole
     monkeypatch.setattr(prepare.os, "replace", real_replace)
     assert prepare.main([*argv, "--overwrite"]) == 0
-    assert read_meta(out)["shards"] == before["shards"]
+    assert DataDir(out).meta["shards"] == before["shards"]
 
 
 def test_shard_size_must_be_positive(tmp_path):

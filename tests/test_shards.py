@@ -7,10 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanokor import corpus, shards
-from nanokor.corpus import DataError, Documents, open_corpus
-from nanokor.shards import (HEADER_SIZE, ShardError, ShardWriter, doc_key, encode_to_shards, read_header,
-                            read_shard, shard_paths, split_of, write_meta)
+from nanokor import corpus, encode, shards
+from nanokor.corpus import Documents, open_corpus
+from nanokor.encode import doc_key, encode_to_shards, split_of
+from nanokor.errors import DataError
+from nanokor.shards import HEADER_SIZE, DataDir, ShardError, ShardWriter, read_header, read_shard
 from nanokor.tokenizer import Tokenizer
 
 SHA = hashlib.sha256(b"some tokenizer").hexdigest()
@@ -33,7 +34,7 @@ def test_writer_cuts_shards_and_reader_returns_the_tokens(tmp_path):
     h = read_header(tmp_path / "train_000002.bin")
     assert (h.version, h.vocab_size, h.n_tokens, h.tokenizer_sha) == (1, 5000, 500, SHA)
     assert (tmp_path / "train_000002.bin").stat().st_size == HEADER_SIZE + 2 * 500
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_reader_refuses_another_tokenizer_or_vocab(tmp_path):
@@ -71,12 +72,12 @@ def test_crash_before_rename_leaves_nothing_that_looks_complete(tmp_path, monkey
     monkeypatch.setattr(shards.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path, np.arange(2500, dtype=np.uint16))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_000000.bin.tmp"]
+    assert list(tmp_path.iterdir()) == []  # the interrupted shard's temporary file is removed too
     with pytest.raises(KeyboardInterrupt):
-        write_meta(tmp_path, {"shards": {"train": [], "val": []}})
-    assert not (tmp_path / "meta.json").exists()
+        DataDir(tmp_path).write_meta({"shards": {"train": [], "val": []}})
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(DataError, match="no meta.json"):
-        shard_paths(tmp_path, "train")
+        DataDir(tmp_path).shard_paths("train")
 
 
 def test_split_is_by_content_deterministic_and_near_the_fraction():
@@ -90,7 +91,7 @@ def test_split_is_by_content_deterministic_and_near_the_fraction():
 
 
 def _framed_docs(data_dir, split, tok):
-    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_dir, split)] or [np.zeros(0, np.uint16)])
+    tokens = np.concatenate([read_shard(p) for p in DataDir(data_dir).shard_paths(split)] or [np.zeros(0, np.uint16)])
     assert tokens.size == 0 or (tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id)
     docs, start = [], None
     for i, t in enumerate(tokens.tolist()):
@@ -111,7 +112,7 @@ def test_encoder_cleans_dedups_splits_and_is_the_same_in_parallel(sample_data_di
         out.mkdir()
         tasks = [Documents(raw[i:i + 20]) for i in range(0, len(raw), 20)]
         r = encode_to_shards(tasks, tok, out, val_fraction=0.1, shard_tokens=3000, num_proc=num_proc)
-        write_meta(out, r)
+        DataDir(out).write_meta(r)
         results[num_proc] = r
     assert results[1] == results[2]
     for name in ("train_000000.bin", "train_000001.bin", "val_000000.bin"):
@@ -143,7 +144,7 @@ def test_parts_read_in_workers_give_the_shards_of_documents_read_here(sample_dat
     results = {}
     for name, tasks, num_proc in [("here", (Documents(list(c.documents())),), 1), ("workers", c.tasks(), 2),
                                   ("one process", c.tasks(), 1), ("sentencepiece without numpy", c.tasks(), 1)]:
-        monkeypatch.setattr(shards, "_NUMPY_IDS", not name.endswith("without numpy"))
+        monkeypatch.setattr(encode, "_NUMPY_IDS", not name.endswith("without numpy"))
         (tmp_path / name).mkdir()
         r = encode_to_shards(tasks, tok, tmp_path / name, val_fraction=0.1, shard_tokens=5000, num_proc=num_proc)
         r["cleaning"] = dict(Counter(r["cleaning"]) + c.counts)

@@ -18,11 +18,12 @@ import torch
 
 from nanokor.checkpoint import CheckpointError, build_model, build_tokenizer, load_checkpoint
 from nanokor.config import ConfigError, load_config, model_config
-from nanokor.corpus import DataError
-from nanokor.distributed import Env, TorchEngine
+from nanokor.distributed import Env
+from nanokor.engine import TorchEngine
+from nanokor.errors import DataError, TrainingError
 from nanokor.loader import TrainLoader
 from nanokor.model import Transformer
-from nanokor.shards import read_shard, shard_paths
+from nanokor.shards import DataDir, read_shard
 from nanokor.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(sampl
         torch.manual_seed(0)
         model = Transformer(model_config(cfg, vocab_size))
         engine = TorchEngine(model, cfg, Env(0, 0, 1, torch.device("cpu")))
-        loader = TrainLoader(sample_data_dir, cfg.block_size, cfg.batch_size, seed=cfg.seed)
+        loader = TrainLoader(DataDir(sample_data_dir), cfg.block_size, cfg.batch_size, seed=cfg.seed)
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             with engine.grad_sync(last=micro == cfg.grad_accum - 1):
@@ -99,9 +100,10 @@ def test_accumulation_in_train_py_matches_one_big_batch(sample_data_dir, tmp_pat
     assert max_diff(weights(tmp_path / "accum"), weights(tmp_path / "big")) <= 1e-5
 
 
-def test_resume_is_bit_identical_and_keeps_the_best_k(sample_data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical_and_keeps_the_best_k(sample_data_dir, tmp_path, optimizer):
     # Dropout makes the RNG state matter; eval every 2 steps gives several best-k candidates.
-    common = ["--dropout=0.1", "--eval_interval=2", "--keep_best=2"]
+    common = ["--dropout=0.1", "--eval_interval=2", "--keep_best=2", f"--optimizer={optimizer}"]
     run(sample_data_dir, tmp_path / "straight", "--max_steps=8", *common)
     run(sample_data_dir, tmp_path / "split", "--max_steps=4", *common)
     summary = run(sample_data_dir, tmp_path / "split", "--max_steps=8", "--init_from=resume", *common)
@@ -112,8 +114,11 @@ def test_resume_is_bit_identical_and_keeps_the_best_k(sample_data_dir, tmp_path)
     assert [straight[s]["loss"] for s in range(1, 9)] == [split[s]["loss"] for s in range(1, 9)]
     a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sorted(a["optimizer"]) == sorted(b["optimizer"]) == sorted({"adamw", optimizer})
+    for name in a["optimizer"]:  # Adam's moments, Muon's momentum buffers
+        states = a["optimizer"][name]["state"].values(), b["optimizer"][name]["state"].values()
+        for sa, sb in zip(*states):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (b["step"], b["tokens_seen"], b["loader"]) == (a["step"], a["tokens_seen"], a["loader"])
 
     # Best-k: the two lowest validation losses of steps 2, 4, 6, 8, as files and in best.json.
@@ -152,7 +157,7 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(sample_data_dir, tmp_p
     run(sample_data_dir, tmp_path, "--max_steps=2")
     good = weights(tmp_path)
     # An absurd learning rate: step 3's update wrecks the weights, every later loss is NaN.
-    with pytest.raises(train.NonFiniteLossError, match="3 consecutive steps .* last good checkpoint"):
+    with pytest.raises(TrainingError, match="3 consecutive steps .* last good checkpoint"):
         run(sample_data_dir, tmp_path, "--max_steps=50", "--eval_interval=2", "--init_from=resume",
             "--lr_factor=1e30", "--max_nonfinite=3")
     records = train_records(tmp_path)
@@ -236,7 +241,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_last_pt(sample_dat
 def unigram_entropy(data_dir) -> float:
     """Entropy (nats/token) of the training tokens' unigram distribution: the loss of a model that
     ignores context. Falling well below it means the model uses context."""
-    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(data_dir, "train")])
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in DataDir(data_dir).shard_paths("train")])
     p = np.bincount(tokens).astype(np.float64) / tokens.size
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())

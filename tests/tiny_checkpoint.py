@@ -24,6 +24,6 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Transformer:
 def make_checkpoint(path: Path, tokenizer, **overrides) -> Path:
     """Save a tiny model for `tokenizer` as a nanokor checkpoint at `path`."""
     model = tiny_model(tokenizer.vocab_size, **overrides)
-    save_checkpoint({"model_config": model.config.to_dict(), "model": model.state_dict(),
+    save_checkpoint({"model_config": model.config.architecture(), "model": model.state_dict(),
                      "tokenizer": tokenizer.model_bytes, "train_config": {}}, path)
     return path

@@ -1,0 +1,215 @@
+"""Training recipes compared by the held-out bits per byte they reach: at equal tokens, and at equal
+wall-clock time.
+
+    python bench/recipe_quality.py                        # every recipe below, seeds 1337 and 1338
+    python bench/recipe_quality.py --recipes adamw-cosine,muon --seeds 1337
+    python bench/recipe_quality.py --define "muon-lr03=--optimizer=muon --muon_lr=0.03" --recipes adamw-cosine,muon-lr03
+
+Every run is `python train.py` itself, on the shared Korean corpus prepared once with an 8,192-piece BPE
+and an explicit held-out file (`prepare.py --val-files`, so no recipe ever trains on it). The model is
+the same for all recipes: 6 layers, d_model 256, 4 heads, d_ff 688 (SwiGLU at the non-embedding size of
+a GPT-2 block), 256-token sequences, batch 16, fp32 on CPU. Runs go two at a time, each pinned to its
+own core with one thread, the baseline beside a candidate, so machine noise hits both alike; after
+training, each run is scored once on the whole held-out split.
+
+Equal tokens: every recipe trains for --tokens. Equal wall-clock: a recipe whose step is slower or
+faster than the baseline's (median step times, measured in the equal-token runs) is trained again for
+the number of steps that costs the baseline's training time; its schedule is laid out over those
+steps, as a user with that budget would do. Evaluation time is not training time.
+
+Runs are kept in --work (one directory each, with the flags it ran with); a run whose result is already
+there is not repeated, so an interrupted benchmark continues, and --define'd sweeps reuse the baseline.
+Prints a table and writes bench/results/recipe_quality.json.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = ["--n_layer=6", "--d_model=256", "--n_head=4", "--d_ff=688", "--block_size=256", "--batch_size=16",
+         "--grad_accum=1", "--device=cpu", "--dtype=fp32", "--compile=false", "--tie_embeddings=false",
+         "--dropout=0", "--label_smoothing=0", "--sample_tokens=0", "--keep_best=0", "--eval_tokens=1073741824",
+         "--wandb_mode=disabled"]
+BASELINE = "adamw-cosine"
+RECIPES = {
+    # nanoGPT's recipe on nanokor's model: AdamW, linear warmup, cosine from 1e-3 to 1e-4.
+    "adamw-cosine": "--optimizer=adamw --schedule=cosine --lr=1e-3 --min_lr=1e-4 --warmup_steps=50 "
+                    "--weight_decay=0.1 --beta2=0.95",
+    # nanokor 0.1's config/tiny.py: Noam (never anneals), AdamW.
+    "noam-0.1": "--optimizer=adamw --schedule=noam --warmup_steps=50 --lr_factor=0.5 --weight_decay=0.1",
+    # The original guide's recipe (config/guide.py): Noam, label smoothing 0.1, dropout 0.1.
+    "guide": "--optimizer=adamw --schedule=noam --warmup_steps=50 --lr_factor=0.5 --weight_decay=0.1 "
+             "--label_smoothing=0.1 --dropout=0.1",
+    # nanokor's default recipe: Muon for the block matrices, AdamW for the rest, Noam with a cooldown.
+    "muon": "--optimizer=muon --schedule=wsd --lr=3e-3 --min_lr=0 --decay_frac=0.4 --warmup_steps=50 "
+            "--muon_lr=0.02 --weight_decay=0",
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="../shared/data/korean_corpus",
+                   help="train-*.parquet and validation-*.parquet, relative to the repository root unless absolute")
+    p.add_argument("--data-dir", default="data/bench-recipe", help="prepared data (made if missing)")
+    p.add_argument("--tokens", type=float, default=2e6, help="training tokens per run at equal tokens")
+    p.add_argument("--seeds", default="1337,1338")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated; the baseline {BASELINE} is always run")
+    p.add_argument("--define", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra recipe: train.py flags on top of the shape (repeatable)")
+    p.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
+    p.add_argument("--cores", default="0,1", help="one run per core, at the same time")
+    p.add_argument("--work", default="bench/results/recipe_runs")
+    p.add_argument("--out", default="bench/results/recipe_quality.json")
+    return p.parse_args()
+
+
+def prepare(corpus: Path, data_dir: Path) -> None:
+    if (data_dir / "meta.json").is_file():
+        return
+    subprocess.run([sys.executable, "prepare.py", "--data-files", str(corpus / "train-*.parquet"),
+                    "--val-files", str(corpus / "validation-*.parquet"), "--vocab-size", "8192",
+                    "--out", str(data_dir)], cwd=REPO, check=True)
+
+
+def run_dir(work: Path, recipe: str, seed: int, steps: int) -> Path:
+    return work / f"{recipe}-s{seed}-{steps}"
+
+
+def train(job: dict, core: str) -> dict:
+    """One train.py run pinned to `core`; its result is cached in the run directory."""
+    out = job["dir"]
+    done = out / "result.json"
+    if done.is_file() and json.loads(done.read_text())["flags"] == job["flags"]:
+        return json.loads(done.read_text())
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = ["taskset", "-c", core, sys.executable, "train.py", *job["flags"], f"--out_dir={out}"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step_time" in r]
+    val = [r for r in records if "val_bpb" in r][-1]
+    result = {"recipe": job["recipe"], "seed": job["seed"], "steps": len(steps), "flags": job["flags"],
+              "tokens": steps[-1]["tokens_seen"], "val_bpb": val["val_bpb"], "val_loss": val["val_loss"],
+              "final_train_loss": steps[-1]["loss"], "train_seconds": sum(r["step_time"] for r in steps),
+              "median_step_s": statistics.median(r["step_time"] for r in steps[5:]),
+              "wall_seconds": time.time() - t0, "core": core}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  {job['recipe']:<16} seed {job['seed']} {len(steps)} steps: val bpb {result['val_bpb']:.4f}, "
+          f"{result['median_step_s'] * 1e3:.0f} ms/step", flush=True)
+    return result
+
+
+def run_all(jobs: list[dict], cores: list[str]) -> list[dict]:
+    """Jobs in order, one per core at a time (the pool hands the next job to the first free core)."""
+    free = list(cores)
+
+    def work(job):
+        core = free.pop(0)
+        try:
+            return train(job, core)
+        finally:
+            free.append(core)
+
+    with ThreadPoolExecutor(len(cores)) as pool:
+        return list(pool.map(work, jobs))
+
+
+def make_job(args, recipes, recipe: str, seed: int, steps: int) -> dict:
+    flags = [*SHAPE, f"--data_dir={args.data_dir}", f"--seed={seed}", f"--max_steps={steps}",
+             f"--eval_interval={steps}", *shlex.split(recipes[recipe])]
+    return {"recipe": recipe, "seed": seed, "steps": steps, "flags": flags,
+            "dir": run_dir(Path(args.work), recipe, seed, steps)}
+
+
+def main():
+    args = parse_args()
+    recipes = dict(RECIPES)
+    for d in args.define:
+        name, _, flags = d.partition("=")
+        recipes[name.strip()] = flags
+    names = [BASELINE] + [r for r in args.recipes.split(",") if r and r != BASELINE]
+    unknown = [r for r in names if r not in recipes]
+    if unknown:
+        sys.exit(f"unknown recipe(s) {unknown}; known: {', '.join(recipes)} (add one with --define NAME=FLAGS)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cores = args.cores.split(",")
+    corpus = Path(args.corpus) if Path(args.corpus).is_absolute() else REPO / args.corpus
+    prepare(corpus, REPO / args.data_dir)
+    steps = round(args.tokens / (16 * 256))
+
+    print(f"equal tokens: {steps} steps x 4,096 tokens, recipes {', '.join(names)}, seeds {seeds}", flush=True)
+    jobs = [make_job(args, recipes, r, s, steps) for s in seeds for r in names]
+    equal_tokens = run_all(jobs, cores)
+    step_s = {r: statistics.median(x["median_step_s"] for x in equal_tokens if x["recipe"] == r) for r in names}
+
+    equal_time = []
+    if not args.no_equal_time:
+        budget_steps = {r: round(steps * step_s[BASELINE] / step_s[r]) for r in names}
+        timed = [r for r in names if abs(budget_steps[r] - steps) > 0.01 * steps]
+        print(f"equal wall-clock: {', '.join(f'{r} {budget_steps[r]} steps' for r in timed) or 'no recipe differs by >1%'}",
+              flush=True)
+        equal_time = run_all([make_job(args, recipes, r, s, budget_steps[r]) for s in seeds for r in timed], cores)
+        equal_time += [x for x in equal_tokens if x["recipe"] not in timed]
+
+    rows = summarize(names, seeds, equal_tokens, equal_time, step_s)
+    print_table(rows, steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"shape": SHAPE, "tokens": steps * 4096, "seeds": seeds, "recipes":
+                               {r: recipes[r] for r in names}, "rows": rows, "runs": equal_tokens + equal_time},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def summarize(names, seeds, equal_tokens, equal_time, step_s) -> list[dict]:
+    def by(results, recipe):
+        return {x["seed"]: x for x in results if x["recipe"] == recipe}
+
+    base_tok, base_time = by(equal_tokens, BASELINE), by(equal_time, BASELINE) or by(equal_tokens, BASELINE)
+    rows = []
+    for r in names:
+        tok, tim = by(equal_tokens, r), by(equal_time, r)
+        row = {"recipe": r, "step_ms": step_s[r] * 1e3, "step_vs_baseline": step_s[r] / step_s[BASELINE],
+               "bpb": [tok[s]["val_bpb"] for s in seeds],
+               "bpb_vs_baseline": [tok[s]["val_bpb"] / base_tok[s]["val_bpb"] for s in seeds]}
+        if tim:
+            row.update(time_steps=tim[seeds[0]]["steps"], time_bpb=[tim[s]["val_bpb"] for s in seeds],
+                       time_bpb_vs_baseline=[tim[s]["val_bpb"] / base_time[s]["val_bpb"] for s in seeds],
+                       time_train_s=[tim[s]["train_seconds"] for s in seeds])
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, steps):
+    def seeds(values, fmt):
+        return " / ".join(format(v, fmt) for v in values)
+
+    header = (f"{'recipe':<16} {'ms/step':>8} {'vs base':>7} | {'bpb (equal tokens)':>20} {'vs base':>15} | "
+              f"{'steps':>5} {'bpb (equal time)':>18} {'vs base':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        line = (f"{r['recipe']:<16} {r['step_ms']:>8.0f} {r['step_vs_baseline']:>6.3f}x | {seeds(r['bpb'], '.4f'):>20} "
+                f"{seeds(r['bpb_vs_baseline'], '.3f'):>15} |")
+        if "time_bpb" in r:
+            line += (f" {r['time_steps']:>5} {seeds(r['time_bpb'], '.4f'):>18} "
+                     f"{seeds(r['time_bpb_vs_baseline'], '.3f'):>15}")
+        print(line)
+    print(f"(equal tokens: {steps} steps of 4,096 tokens; bits per byte on the whole held-out file; "
+          "values are per seed)")
+
+
+if __name__ == "__main__":
+    main()

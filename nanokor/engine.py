@@ -1,0 +1,238 @@
+"""Engines: how a model is trained on this hardware, behind one interface the loop never looks past.
+
+    engine = build_engine(model, cfg, env)   # places the model, builds its optimizer once
+    with engine.autocast():                  # the precision the engine computes in
+        with engine.grad_sync(last_micro_step):  # DDP all-reduces gradients only on the last micro-step
+            loss = engine.model(x, y, ...)[1]
+            engine.backward(loss)
+    grad_norm, applied = engine.step(lr)     # clip, update; skipped when the gradient is not finite
+    engine.save(run, state, extras)          # last.pt (and the engine's own checkpoint); every rank calls it
+    state = engine.resume(run)               # weights and optimizer back; returns the LoopState
+
+`TorchEngine` is plain PyTorch: AdamW or Muon over fp32 master weights, bf16 autocast, optional
+torch.compile, DDP under torchrun. `DeepSpeedEngine` hands bf16, accumulation, clipping and the
+optimizer to `deepspeed.initialize` (ZeRO-2 or ZeRO-3), which is imported only on that path. Another
+engine (FSDP2, say) is one more class with these methods and an entry in `engine_class`.
+`engine_class(cfg).needs_process_group` tells train.py, before anything runs, whether a single process
+must still start a process group (DeepSpeed always needs one).
+"""
+
+import json
+import math
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanokor.checkpoint import LoopState, check_architecture, load_checkpoint, load_training, rng_state, save_training
+from nanokor.device import resolve_dtype
+from nanokor.distributed import Env, barrier, gather_objects
+from nanokor.errors import CheckpointError, ConfigError
+from nanokor.optim import build_optimizer, param_groups, schedule_peak
+from nanokor.rundir import RunDir
+
+
+def engine_class(cfg) -> type:
+    """The engine for this config: DeepSpeed when cfg.deepspeed names a JSON config, else PyTorch (DDP)."""
+    return DeepSpeedEngine if cfg.deepspeed else TorchEngine
+
+
+def build_engine(model, cfg, env: Env):
+    return engine_class(cfg)(model, cfg, env)
+
+
+class TorchEngine:
+    """Plain PyTorch: the model's fp32 weights, bf16 autocast when asked, DDP under torchrun."""
+
+    needs_process_group = False
+
+    def __init__(self, model, cfg, env: Env):
+        self.env, self.dtype = env, resolve_dtype(cfg.dtype, env.device)
+        self.module = model.to(env.device)  # the bare Transformer: its state_dict has clean keys
+        self.grad_accum, self.grad_clip = cfg.grad_accum, cfg.grad_clip
+        self.optimizer = build_optimizer(model, cfg)
+        self.ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+            if env.distributed else None
+        self.name = "DDP" if self.ddp is not None else "single process"
+        # Compile outside DDP: Dynamo then splits the graph at DDP's gradient buckets, so each bucket's
+        # all-reduce overlaps the rest of the backward instead of waiting for all of it.
+        wrapped = model if self.ddp is None else self.ddp
+        self.model = torch.compile(wrapped) if cfg.compile else wrapped
+
+    def autocast(self):
+        """bf16 autocast over the fp32 master weights; fp32 runs as is."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def grad_sync(self, last: bool):
+        """DDP all-reduces gradients in backward; between micro-steps that is wasted traffic."""
+        return nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()  # the accumulated gradient is the mean over micro-steps
+
+    def step(self, lr: float) -> tuple[float, bool]:
+        """Clip and update; a non-finite gradient norm (the same on every rank) skips the update. The
+        gradients are complete here (all-reduced by DDP), so every optimizer, Muon's orthogonalization
+        included, sees the same gradient on every rank and the ranks stay identical."""
+        self.optimizer.set_lr(lr)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf")).item()
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, applied
+
+    def save(self, run: RunDir, state: LoopState, extras: dict) -> None:
+        """last.pt, with the optimizer state inside it; gathers every rank's RNG state (a collective)."""
+        state.rng = gather_objects(rng_state())
+        if self.env.is_master:
+            save_training(run.last, state, self.module.config, self.module.state_dict(),
+                          self.optimizer.state_dict(), extras)
+        barrier()
+
+    def resume(self, run: RunDir) -> LoopState:
+        ckpt, state = load_training(run.last, self.module.config)
+        if ckpt["optimizer"] is None:
+            raise CheckpointError(f"{run.last} was written by a DeepSpeed run, whose optimizer state lives in "
+                                  f"{run.deepspeed}; resume it with the same --deepspeed config, or start fresh "
+                                  "with --init_from=scratch or another --out_dir.")
+        self.module.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"], run.last)
+        return state
+
+
+class DeepSpeedEngine:
+    """DeepSpeed owns bf16, accumulation, clipping and the optimizer step; the loop still sets the lr.
+
+    Engine checkpoints go to out_dir/deepspeed/step_N (the newest one is kept) with the loop state as
+    client state; rank 0 also writes a consolidated fp32 last.pt, so sample.py and export work the same.
+    """
+
+    needs_process_group = True
+
+    def __init__(self, model, cfg, env: Env):
+        try:
+            import deepspeed
+        except ImportError:
+            raise ConfigError(f"--deepspeed={cfg.deepspeed} needs the deepspeed package, which is not installed. "
+                              "Install the extra with `pip install -e '.[deepspeed]'`, or drop --deepspeed to "
+                              "train with plain PyTorch / DDP.") from None
+        if cfg.optimizer != "adamw":
+            raise ConfigError(f"optimizer={cfg.optimizer!r} runs on the PyTorch engine (one process or DDP under "
+                              "torchrun); the DeepSpeed path trains with the AdamW its JSON config declares. Drop "
+                              "--deepspeed, or pass --optimizer=adamw with it.")
+        self.env, self.dtype = env, resolve_dtype(cfg.dtype, env.device)
+        ds_config = deepspeed_config(cfg, self.dtype)
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.name = f"DeepSpeed ZeRO-{self.stage}"
+        groups = param_groups(model, cfg, schedule_peak(cfg))["adamw"]
+        optimizer = None if "optimizer" in ds_config else build_optimizer(model, cfg).optimizers["adamw"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, model_parameters=groups)
+        if cfg.compile:
+            self.engine.compile()
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def autocast(self):
+        return nullcontext()  # DeepSpeed casts the model itself
+
+    def grad_sync(self, last: bool):
+        return nullcontext()  # the engine counts micro-steps against gradient_accumulation_steps
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed wants step() after every backward; this one only counts
+
+    def step(self, lr: float) -> tuple[float, bool]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm), self.engine.was_step_applied()
+
+    def save(self, run: RunDir, state: LoopState, extras: dict) -> None:
+        """DeepSpeed's own checkpoint (optimizer partitions; the newest is kept), then rank 0's consolidated
+        last.pt. Assembling the full weights from ZeRO's partitions is a collective: every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state.rng = gather_objects(rng_state())
+        client_state = {**vars(state), "model_config": self.module.config.architecture()}
+        tag = f"step_{state.step:07d}"
+        self.engine.save_checkpoint(str(run.deepspeed), tag=tag, client_state=client_state)
+        barrier()
+        if self.env.is_master:
+            for old in run.deepspeed.glob("step_*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        full = {id(p): safe_get_full_fp32_param(p) for p in self.module.parameters()}
+        weights = {name: (full[id(t)] if full.get(id(t)) is not None else t.detach()).float().cpu().clone()
+                   for name, t in self.module.state_dict(keep_vars=True).items()}
+        if self.env.is_master:
+            save_training(run.last, state, self.module.config, weights, None, extras)
+        barrier()
+
+    def resume(self, run: RunDir) -> LoopState:
+        if run.last.is_file():  # DeepSpeed's own load would fail on a shape mismatch with a bare traceback
+            check_architecture(load_checkpoint(run.last, mmap=True)["model_config"], self.module.config, run.last)
+        path, client_state = self.engine.load_checkpoint(str(run.deepspeed))
+        if path is None:
+            raise ConfigError(f"--init_from=resume found no DeepSpeed checkpoint under {run.deepspeed}. Resume with "
+                              "the same --out_dir (and --deepspeed) as the run that wrote it, or start with "
+                              "--init_from=scratch.")
+        check_architecture(client_state["model_config"], self.module.config, path)
+        return LoopState.from_checkpoint(client_state)
+
+
+DS_AUTO = {  # DeepSpeed key path -> the TrainConfig it must agree with ("auto" in the JSON fills it in)
+    ("train_micro_batch_size_per_gpu",): lambda cfg, dtype: cfg.batch_size,
+    ("gradient_accumulation_steps",): lambda cfg, dtype: cfg.grad_accum,
+    ("gradient_clipping",): lambda cfg, dtype: cfg.grad_clip,
+    ("bf16", "enabled"): lambda cfg, dtype: dtype == torch.bfloat16,
+}
+DS_OPTIMIZER_AUTO = {  # optimizer params: "auto" takes the TrainConfig value (lr is overwritten each step)
+    "lr": lambda cfg: cfg.lr, "weight_decay": lambda cfg: cfg.weight_decay,
+    "betas": lambda cfg: [cfg.beta1, cfg.beta2], "eps": lambda cfg: cfg.eps,
+}
+
+
+def deepspeed_config(cfg, dtype: torch.dtype) -> dict:
+    """Read the DeepSpeed JSON and make it agree with the loop: "auto" (or a missing key) takes the nanokor
+    value; an explicit value that disagrees is an error, because the loop and the engine must count
+    micro-steps, clip and cast alike."""
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist. Pass --deepspeed=config/ds_zero2.json or "
+                          "another DeepSpeed JSON file.")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e}). Fix the file.") from None
+    for keys, wanted in DS_AUTO.items():
+        parent = ds
+        for key in keys[:-1]:
+            parent = parent.setdefault(key, {})
+        value = wanted(cfg, dtype)
+        if parent.get(keys[-1], "auto") == "auto":
+            parent[keys[-1]] = value
+        elif parent[keys[-1]] != value:
+            raise ConfigError(f"{path} sets {'.'.join(keys)} = {parent[keys[-1]]!r}, but the nanokor config implies "
+                              f"{value!r}. Set it to \"auto\" in the JSON so nanokor fills it in, or change the "
+                              "matching nanokor key (batch_size, grad_accum, grad_clip, dtype).")
+    params = ds.get("optimizer", {}).get("params", {})
+    for key, wanted in DS_OPTIMIZER_AUTO.items():
+        if params.get(key) == "auto":
+            params[key] = wanted(cfg)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload != "none" and "optimizer" not in ds:
+        raise ConfigError(f"{path} offloads the optimizer to {offload} but declares no optimizer. Add "
+                          '"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", '
+                          '"betas": "auto", "eps": "auto"}} so DeepSpeed builds its CPU Adam.')
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]  # DeepSpeed derives it from micro batch, accumulation and world size
+    return ds

@@ -1,0 +1,59 @@
+"""nanokor's errors: one base class, so every command line catches one type and prints one paragraph.
+
+Each message says what is wrong and how to fix it; the commands print it without a traceback (exit
+code 2). Anything else that escapes is a bug in nanokor, and keeps its traceback.
+"""
+
+import sys
+
+
+class NanokorError(Exception):
+    """A problem the user can fix; the message is one paragraph that says how."""
+
+
+class ConfigError(NanokorError, ValueError):
+    """A configuration value that is unknown, mistyped, out of range or inconsistent."""
+
+
+class DataError(NanokorError):
+    """Bad input to the data pipeline: a source, a prepared directory or its files."""
+
+
+class ShardError(DataError):
+    """A shard that cannot be used as is: wrong file, truncated, or made with another tokenizer."""
+
+
+class CheckpointError(NanokorError):
+    """A checkpoint that is missing, unreadable, from an incompatible format, or cannot be written."""
+
+
+class TrainingError(NanokorError):
+    """A run that cannot go on: too many non-finite steps, or an out_dir another run is using."""
+
+
+class ExportError(NanokorError):
+    """A checkpoint that cannot be exported as an equivalent model for another tool."""
+
+
+class EvalError(NanokorError):
+    """Bad input to the evaluation command."""
+
+
+class PromptError(NanokorError):
+    """A prompt that cannot be generated from: unreadable, empty after tokenization, or too long."""
+
+
+class PlotError(NanokorError):
+    """Nothing to plot, or a plot that cannot be drawn from the given run."""
+
+
+def exit_on_error(main, *args, error_code: int = 2) -> int:
+    """Run a command's `main` and return its exit code (its own int, else 0); a NanokorError becomes
+    `error: <paragraph>` on stderr and `error_code` (2, argparse's, for the tools; train.py, whose run
+    failed, says 1)."""
+    try:
+        code = main(*args)
+    except NanokorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return error_code
+    return code if isinstance(code, int) else 0

@@ -1,0 +1,134 @@
+"""Optimizers: which tensor gets which optimizer and rate, one Muon step against a float64 reference,
+the Noam cooldown against its formula, and a resume with another optimizer refused."""
+
+import math
+
+import pytest
+import torch
+
+from nanokor.config import load_config, model_config
+from nanokor.errors import CheckpointError
+from nanokor.model import Transformer
+from nanokor.optim import build_optimizer, cooldown, make_schedule, noam_lr, param_groups, schedule_peak
+
+SMALL = ["--n_layer=2", "--n_head=2", "--d_model=32", "--d_ff=48", "--block_size=16"]
+
+
+def small_model(*flags):
+    cfg = load_config([*SMALL, *flags])
+    torch.manual_seed(0)
+    return cfg, Transformer(model_config(cfg, vocab_size=64))
+
+
+def names(model, params) -> set[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)] for p in params}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tie):
+    cfg, model = small_model("--optimizer=muon", "--schedule=cosine", "--lr=2e-3", "--embed_lr=0.1",
+                             "--muon_lr=0.04", "--weight_decay=0.05", f"--tie_embeddings={tie}")
+    groups = param_groups(model, cfg, schedule_peak(cfg))
+    (muon,) = groups["muon"]
+    assert names(model, muon["params"]) == {f"layers.{i}.{m}.weight" for i in range(2) for m in
+                                            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert muon["lr_scale"] == pytest.approx(0.04 / 2e-3) and muon["weight_decay"] == 0.05
+    adamw = {g["name"]: g for g in groups["adamw"]}
+    assert names(model, adamw["embedding"]["params"]) == {"embed_tokens.weight"}
+    assert names(model, adamw["norms"]["params"]) == {"norm.weight", *(f"layers.{i}.{n}.weight" for i in range(2)
+                                                      for n in ("input_layernorm", "post_attention_layernorm"))}
+    assert adamw["embedding"]["weight_decay"] == adamw["norms"]["weight_decay"] == 0.0
+    if tie:  # one tensor, once, at the head's rate: its gradient is mostly the logits'
+        assert "head" not in adamw and adamw["embedding"]["lr_scale"] == 1.0
+    else:
+        assert names(model, adamw["head"]["params"]) == {"lm_head.weight"} and adamw["head"]["weight_decay"] == 0.05
+        assert adamw["embedding"]["lr_scale"] == pytest.approx(0.1 / 2e-3)
+    every = [p for gs in groups.values() for g in gs for p in g["params"]]
+    assert sorted(map(id, every)) == sorted(id(p) for p in model.parameters())  # each tensor exactly once
+
+
+def test_adamw_alone_decays_matrices_and_head_only():
+    cfg, model = small_model("--optimizer=adamw")
+    groups = param_groups(model, cfg, schedule_peak(cfg))
+    assert list(groups) == ["adamw"]
+    decayed = {n for g in groups["adamw"] if g["weight_decay"] > 0 for n in names(model, g["params"])}
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2 and n != "embed_tokens.weight"}
+
+
+def test_every_group_follows_the_schedule_at_its_own_peak():
+    cfg, model = small_model("--optimizer=muon", "--schedule=noam", "--warmup_steps=10", "--lr_factor=0.5",
+                             "--muon_lr=0.03", "--embed_lr=0.2")
+    opt = build_optimizer(model, cfg)
+    schedule, peak = make_schedule(cfg), noam_lr(10, 32, 10, 0.5)
+    opt.set_lr(schedule(10))
+    lr = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lr["matrices"] == pytest.approx(0.03) and lr["embedding"] == pytest.approx(0.2)
+    assert lr["head"] == lr["norms"] == pytest.approx(peak)
+    opt.set_lr(schedule(40))  # Noam's 1/sqrt(step): half the peak at 4x the warmup, for every group
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["matrices"] == pytest.approx(0.015)
+
+
+def newton_schulz_f64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's quintic iteration, written out in float64: X <- aX + (bA + cA^2)X with A = XX^T,
+    on the wide orientation, after scaling X to unit Frobenius norm."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def test_one_muon_step_matches_a_float64_reference():
+    cfg, model = small_model("--optimizer=muon", "--schedule=cosine", "--lr=1e-3", "--warmup_steps=0",
+                             "--muon_lr=0.05", "--muon_momentum=0.9", "--weight_decay=0.1")
+    opt = build_optimizer(model, cfg)
+    opt.set_lr(1e-3)  # the schedule's peak, so Muon runs at muon_lr
+    w = model.layers[0].mlp.up_proj.weight  # 48 x 32: tall, so the shape scaling sqrt(48/32) applies
+    torch.manual_seed(1)
+    lr, mu, wd, buf = 0.05, 0.9, 0.1, torch.zeros(48, 32, dtype=torch.float64)
+    for _ in range(2):  # the second step also checks the momentum buffer
+        g = torch.randn_like(w)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        w.grad = g.clone()
+        old = w.detach().double().clone()
+        opt.step()
+        # The reference: momentum as an EMA, Nesterov look-ahead, orthogonalize, decoupled decay, scaled step.
+        buf = mu * buf + (1 - mu) * g.double()
+        update = newton_schulz_f64((1 - mu) * g.double() + mu * buf)
+        expected = -lr * wd * old - lr * math.sqrt(48 / 32) * update
+        got = w.detach().double() - old
+        # torch.optim.Muon orthogonalizes in bfloat16: ~1% of the step, far below a wrong scale or sign.
+        assert (got - expected).norm() / expected.norm() < 0.02
+        # The orthogonalized update's singular values sit in Newton-Schulz's band around 1.
+        s = torch.linalg.svdvals((got + lr * wd * old) / (-lr * math.sqrt(48 / 32)))
+        assert 0.5 < s.min() and s.max() < 1.3
+
+
+def test_cooldown_matches_its_formula():
+    for max_steps, frac in ((100, 0.2), (488, 0.3), (10, 1.0)):
+        n = round(frac * max_steps)
+        for step in range(1, max_steps + 1):
+            expected = 1.0 if step <= max_steps - n else (max_steps - step + 1) / (n + 1)
+            assert cooldown(step, max_steps, frac) == pytest.approx(expected, rel=1e-12)
+    assert cooldown(99, 100, 0.0) == 1.0
+    cfg = load_config(["--schedule=noam", "--d_model=256", "--n_head=4", "--warmup_steps=10", "--lr_factor=1",
+                       "--max_steps=100", "--cooldown_frac=0.2"])
+    lr = make_schedule(cfg)
+    assert lr(80) == noam_lr(80, 256, 10) and lr(90) == pytest.approx(noam_lr(90, 256, 10) * 11 / 21)
+    assert lr(100) == pytest.approx(noam_lr(100, 256, 10) / 21)  # small, not zero: the last update still counts
+
+
+def test_resume_with_another_optimizer_is_refused_by_name():
+    cfg, model = small_model("--optimizer=adamw")
+    state = build_optimizer(model, cfg).state_dict()
+    muon = build_optimizer(model, load_config([*SMALL, "--optimizer=muon"]))
+    with pytest.raises(CheckpointError, match=r"holds the state of adamw, but this run's optimizer is adamw \+ muon"):
+        muon.load_state_dict(state, "last.pt")
