@@ -205,11 +205,19 @@ def _check_parquet_columns(paths: list[Path], column: str) -> None:
         return
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     for path in parquet:
-        names = pq.read_schema(path).names
-        if column not in names:
-            raise DataError(f"{path} has no column {column!r}; its columns are {names}. "
+        schema = pq.read_schema(path)
+        if column not in schema.names:
+            raise DataError(f"{path} has no column {column!r}; its columns are {schema.names}. "
                             "Pick the text column with --text-column.")
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            text_like = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+            raise DataError(f"{path}: column {column!r} holds {kind}, not text. Pick a text column with "
+                            f"--text-column (string columns here: {', '.join(text_like) or 'none'}).")
 
 
 def _name_from_globs(patterns: list[str]) -> str:

@@ -97,3 +97,16 @@ def test_base_config_is_the_issue_run():
     assert (cfg.dropout, cfg.block_size) == (0.1, 1024)
     assert (cfg.schedule, cfg.warmup_steps, cfg.lr_factor, cfg.label_smoothing) == ("noam", 4000, 1.0, 0.1)
     assert (cfg.dtype, cfg.grad_clip, cfg.keep_best) == ("bf16", 1.0, 3)
+
+
+def test_every_model_field_is_a_config_key_with_the_models_default():
+    """MODEL_KEYS is derived from ModelConfig; TrainConfig must declare each with the same default."""
+    from dataclasses import fields
+
+    from nanokor.config import MODEL_KEYS
+    from nanokor.model import ModelConfig
+
+    assert set(MODEL_KEYS) == {f.name for f in fields(ModelConfig)} - {"vocab_size", "max_seq_len"}
+    for f in fields(ModelConfig):
+        if f.name in MODEL_KEYS:
+            assert getattr(TrainConfig(), f.name) == f.default, f.name
