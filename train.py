@@ -103,7 +103,7 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
                 x, y = loader.next_batch()
                 with engine.grad_sync(last=micro == cfg.grad_accum - 1):
                     with engine.autocast():
-                        _, loss = engine.model(x, y, label_smoothing=cfg.label_smoothing)
+                        _, loss = engine.model(x, y, label_smoothing=cfg.label_smoothing, loss_only=True)
                     engine.backward(loss)
                 loss_sum += loss.detach()
             grad_norm, applied = engine.step(lr)  # clips; skips the update if the gradient is not finite

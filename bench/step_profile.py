@@ -75,7 +75,7 @@ def main():
 
     def step():
         with autocast():
-            _, loss = fwd(x, y)
+            _, loss = fwd(x, y, loss_only=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

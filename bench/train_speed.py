@@ -80,7 +80,7 @@ def bare_steps(args, vocab_size: int, n: int, desc: str) -> list[float]:
     times = []
     for i in tqdm(range(n + 3), desc=desc, unit="step"):
         t0 = time.perf_counter()
-        _, loss = model(x, y)
+        _, loss = model(x, y, loss_only=True)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

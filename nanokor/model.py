@@ -254,6 +254,67 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ w^T against targets (ignore_index=-1, optional label smoothing), with
+    the gradients for x and w computed in the same pass, one chunk of rows at a time.
+
+    The plain path writes the (N, vocab) fp32 logits, their log-softmax, a zero-filled gradient and
+    the gradient of the logits: five passes over the largest tensor of the step, all memory-bound.
+    Here each chunk's logits are exponentiated, normalised and turned into their gradient
+    (softmax - (1 - eps) onehot - eps / V) in place while they are still in cache, then consumed by
+    the two gradient matmuls. A chunk holds about as many logits as x has elements, so memory stays at
+    the size of the activations whatever the vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, smoothing: float):
+        n, vocab = x.size(0), w.size(0)
+        chunk = 1 << max(0, math.ceil(math.log2(max(1, n * x.size(1) // vocab))))
+        valid = targets >= 0
+        count = valid.sum().clamp(min=1)
+        grad_x, grad_w = torch.empty_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        total = torch.zeros((), dtype=torch.float64, device=x.device)  # the mean of many terms, exactly
+        with torch.autocast(x.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                xc, tc = x[start:start + chunk], targets[start:start + chunk].clamp(min=0)[:, None]
+                z = (xc @ w.T).float()
+                z -= z.amax(-1, keepdim=True)  # logits shifted by their max: exp cannot overflow
+                loss = -z.gather(1, tc).squeeze(1)
+                if smoothing:
+                    loss = (1 - smoothing) * loss - smoothing * z.mean(-1)
+                z.exp_()
+                norm = z.sum(-1, keepdim=True)
+                loss += norm.log().squeeze(1)  # log-sum-exp of the shifted logits
+                weight = (valid[start:start + chunk] / count)[:, None]
+                total += (loss.double() * valid[start:start + chunk]).sum() / count
+                z /= norm  # softmax
+                if smoothing:
+                    z -= smoothing / vocab
+                z.scatter_add_(1, tc, torch.full_like(tc, smoothing - 1, dtype=z.dtype))
+                z *= weight
+                dz = z.to(x.dtype)
+                torch.mm(dz, w, out=grad_x[start:start + chunk])
+                if dz.dtype == torch.float32:
+                    grad_w.addmm_(dz.T, xc)
+                else:  # bf16 products, summed in fp32 over the chunks
+                    grad_w += (dz.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0):
+    """`LinearCrossEntropy` in the precision autocast would compute the LM head in."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    return LinearCrossEntropy.apply(x, w, targets, smoothing)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -306,9 +367,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None,
-                label_smoothing: float = 0.0, reduction: str = "mean", last_only: bool = False):
+                label_smoothing: float = 0.0, reduction: str = "mean", last_only: bool = False,
+                loss_only: bool = False):
         """Logits (B, T, vocab) and, with targets, the cross-entropy (ignore_index=-1).
 
+        loss_only=True (training: the mean loss, gradients on) never materialises the logits and returns
+        None for them: `linear_cross_entropy` computes the loss and its gradients a chunk of rows at a time.
         reduction='none' returns per-token losses of shape (B, T), which bits per byte needs.
         With a kv_cache, idx continues the cached sequence and the cache advances by T.
         last_only=True returns the last position's logits alone, (B, 1, vocab): all that generation
@@ -317,6 +381,9 @@ class Transformer(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only=True computes one position's logits; a loss needs all of them.")
         x = self._hidden_states(idx, kv_cache)
+        if loss_only and targets is not None and reduction == "mean" and torch.is_grad_enabled():
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                              label_smoothing)
         logits = self.lm_head(x[:, -1:] if last_only else x)
         if targets is None:
             return logits, None

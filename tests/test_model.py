@@ -255,3 +255,44 @@ def test_bf16_autocast_forward_stays_close_to_fp32():
     assert low_loss.dtype == torch.float32
     assert abs(low_loss.item() - ref_loss.item()) < 2e-2
     assert F.cosine_similarity(low.float().flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_head_and_loss_match_the_plain_path_in_float64(smoothing):
+    """Training runs the LM head and the loss chunk by chunk (linear_cross_entropy); its loss and
+    gradients must be the plain logits -> cross_entropy ones, computed here in float64."""
+    from nanokor.model import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, d, vocab = 700, 48, 1000  # 700 rows: several chunks and a short last one
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    w = (0.2 * torch.randn(vocab, d, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    targets[::9] = -1  # ignored positions
+    ref = F.cross_entropy(x @ w.T, targets, ignore_index=-1, label_smoothing=smoothing)
+    ref.backward()
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    loss = linear_cross_entropy(xf, wf, targets, smoothing)
+    (3 * loss).backward()  # the upstream gradient scales both
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert torch.allclose(xf.grad.double(), 3 * x.grad, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(wf.grad.double(), 3 * w.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_training_forward_uses_the_fused_loss_and_matches_eval_and_bf16():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    idx = torch.randint(0, 301, (2, 20))
+    targets = idx.roll(-1, dims=1)
+    logits, loss = model(idx, targets, loss_only=True)  # fused: no logits
+    assert logits is None
+    loss.backward()
+    with torch.no_grad():
+        plain = model(idx, targets)[1]
+    assert loss.item() == pytest.approx(plain.item(), abs=1e-5)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, fp32 softmax and accumulation
+        model(idx, targets, loss_only=True)[1].backward()
+    for name, g in grads.items():
+        assert (model.get_parameter(name).grad - g).norm() <= 0.05 * g.norm(), name
