@@ -23,8 +23,8 @@ from nanokor.tokenizer import train_tokenizer
 from test_export import EDGE_CASES, KOREAN
 from tiny_checkpoint import make_checkpoint
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (gguf.TokenType[n] for n in
-                                                        ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE"))
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (gguf.TokenType[n] for n in (
+    "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE"))
 
 
 def export_gguf(tmp_path_factory, tokenizer, name, *extra_args, **overrides):
