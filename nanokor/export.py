@@ -1,25 +1,34 @@
 """Hugging Face export: a directory `transformers` loads offline as LlamaForCausalLM + its tokenizer.
 
     python -m nanokor.export --ckpt out/last.pt --out hf/
+    python -m nanokor.export --ckpt out/last.pt --gguf --out gguf/ --dtype q8_0   # llama.cpp / Ollama
 
 nanokor's parameter names are Llama's, so the weights are a key rename; config.json is written from
 the model config, and tokenizer.json reproduces the SentencePiece model exactly. transformers is
-never imported here: the files are plain JSON and safetensors.
+never imported here: the files are plain JSON and safetensors. A README.md model card goes beside
+them. `--gguf` writes a GGUF file instead (nanokor/export_gguf.py).
 """
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.device import DTYPES
 from nanokor.errors import ExportError, NanokorError
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+
+# sample.py's defaults, spelled out: llama.cpp (top-k 40, top-p 0.95, min-p 0.05) and Ollama fill in
+# their own where a key is missing, so "off" is written as the value that turns each one off.
+SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def hf_state_dict(model: Transformer) -> dict:
@@ -35,13 +44,17 @@ def hf_state_dict(model: Transformer) -> dict:
     return out
 
 
+def check_position(config: ModelConfig) -> None:
+    if config.position != "rope":
+        raise ValueError(f"Cannot export a model with position={config.position!r}: Llama has no absolute "
+                         "position embeddings, so transformers or llama.cpp would compute different logits. "
+                         "Only position='rope' models can be exported.")
+
+
 def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3) -> dict:
     """The config.json of an equivalent LlamaForCausalLM (transformers 5.x field names, with the
     4.x `rope_theta` kept for older readers)."""
-    if config.position != "rope":
-        raise ValueError(f"Cannot export a model with position={config.position!r}: Llama has no absolute "
-                         "position embeddings, so transformers would compute different logits. Only "
-                         "position='rope' models can be exported.")
+    check_position(config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -76,10 +89,10 @@ def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: 
 # an added token, matched before everything else as SentencePiece matches user-defined symbols.
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types
-_UNIGRAM, _BPE = 1, 2  # and model types
+UNIGRAM, BPE = 1, 2  # and model types
 
 
-def _sentencepiece_proto(model_bytes: bytes):
+def sentencepiece_proto(model_bytes: bytes):
     try:  # SentencePiece's own schema module; it needs protobuf (a nanokor dependency)
         from sentencepiece import sentencepiece_model_pb2
     except ImportError as e:
@@ -89,7 +102,7 @@ def _sentencepiece_proto(model_bytes: bytes):
     proto.ParseFromString(model_bytes)
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     problems = []
-    if trainer.model_type not in (_UNIGRAM, _BPE):
+    if trainer.model_type not in (UNIGRAM, BPE):
         problems.append("the model type is neither BPE nor unigram")
     if norm.name not in ("identity", "") or norm.precompiled_charsmap:
         problems.append(f"it normalizes text itself ({norm.name!r})")
@@ -116,12 +129,12 @@ def _bpe_merges(pieces: list[str], scores: list[float], types: list[int]) -> lis
 
 def hf_tokenizer_json(model_bytes: bytes) -> dict:
     """The tokenizers-library description of a nanokor SentencePiece model (BPE or unigram)."""
-    proto = _sentencepiece_proto(model_bytes)
+    proto = sentencepiece_proto(model_bytes)
     pieces = [p.piece for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
     types = [p.type for p in proto.pieces]
     unk = pieces[types.index(_UNKNOWN)]
-    if proto.trainer_spec.model_type == _BPE:
+    if proto.trainer_spec.model_type == BPE:
         model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": _bpe_merges(pieces, scores, types)}
@@ -159,60 +172,155 @@ def hf_tokenizer_json(model_bytes: bytes) -> dict:
 
 
 def hf_tokenizer_config(model_bytes: bytes, max_seq_len: int) -> dict:
-    pieces = [p.piece for p in _sentencepiece_proto(model_bytes).pieces]
+    proto = sentencepiece_proto(model_bytes)
+    pieces = [p.piece for p in proto.pieces]
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": pieces[BOS_ID], "eos_token": pieces[EOS_ID],
             "unk_token": pieces[UNK_ID], "pad_token": pieces[PAD_ID], "model_max_length": max_seq_len,
             "clean_up_tokenization_spaces": False, "padding_side": "left",
             # "<s>" typed in text is text to SentencePiece, not BOS; make transformers agree.
-            "split_special_tokens": True}
+            "split_special_tokens": True,
+            # llama.cpp's convert_hf_to_gguf.py reads this key, and without it prepends "▁" to every prompt.
+            "add_prefix_space": proto.normalizer_spec.add_dummy_prefix}
+
+
+# ---- the model card ---------------------------------------------------------------------------
+
+NOT_RECORDED = "not recorded"
+
+
+def training_summary(ckpt: dict) -> dict:
+    """Training tokens and validation figures from a training checkpoint ("not recorded" otherwise)."""
+    tokens, val = ckpt.get("tokens_seen"), ckpt.get("val")
+    return {"training tokens": f"{tokens:,} ({ckpt['step']:,} steps)" if tokens else NOT_RECORDED,
+            "validation": f"{val['bpb']:.4f} bits per byte, loss {val['loss']:.4f} (step {val['step']:,})"
+            if val else NOT_RECORDED}
+
+
+def license_id(text: str) -> str:
+    """An argparse type: a Hugging Face / SPDX-style licence identifier (it goes into YAML and GGUF)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a licence identifier; use a lower-case id such as "
+                                         "mit, apache-2.0 or cc-by-4.0 (default: unknown)")
+    return text
+
+
+def model_card(ckpt: dict, model: Transformer, license: str) -> str:
+    """README.md with the YAML front matter the Hub, and convert_hf_to_gguf.py, read."""
+    c = model.config
+    proto = sentencepiece_proto(ckpt["tokenizer"])
+    kind = "BPE" if proto.trainer_spec.model_type == BPE else "unigram"
+    rows = {
+        "architecture": f"Llama decoder: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads "
+                        f"({c.n_kv_head} key/value), d_ff {c.d_ff}, RoPE θ {c.rope_theta:g}, RMSNorm ε "
+                        f"{c.norm_eps:g}, {'tied' if c.tie_embeddings else 'untied'} embeddings",
+        "parameters": f"{model.num_params():,}",
+        "context": f"{c.max_seq_len:,} tokens",
+        "tokenizer": f"SentencePiece {kind}, {c.vocab_size:,} pieces, byte fallback, `add_prefix_space` "
+                     f"{json.dumps(proto.normalizer_spec.add_dummy_prefix)}; text is NFC-normalized before encoding",
+        **training_summary(ckpt),
+        "sampling defaults": ", ".join(f"{k} {v}" for k, v in SAMPLING.items())
+                             + " (sample.py's: top-k, top-p, min-p and repetition penalty off)",
+    }
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    return f"""---
+language:
+- ko
+license: {license}
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- nanokor
+- llama
+---
+
+# nanokor Korean language model
+
+A Korean decoder-only language model trained with nanokor. It loads as `LlamaForCausalLM`.
+
+| | |
+|---|---|
+{table}
+
+Prompts start with BOS (`<s>`), as training documents did, and text ends with EOS (`</s>`).
+"""
 
 
 # ---- the export directory ---------------------------------------------------------------------
 
-def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32) -> list[Path]:
-    """Write config.json, generation_config.json, model.safetensors and the tokenizer files."""
+def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32, license: str = "unknown") -> list[Path]:
+    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and README.md."""
     model = build_model(ckpt)
     try:
         config = hf_config(model.config, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
     except ValueError as e:
         raise ExportError(str(e)) from None
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    tokenizer_json = hf_tokenizer_json(ckpt["tokenizer"])
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage; a tied head is already left out.
     weights = {k: v.to(dtype).contiguous() for k, v in hf_state_dict(model).items()}
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     files = {
         "config.json": config,
         "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                                   "do_sample": True, "temperature": 0.8},  # sample.py's defaults
-        "tokenizer.json": tokenizer_json,
+                                   "do_sample": True, **SAMPLING},
+        "tokenizer.json": hf_tokenizer_json(ckpt["tokenizer"]),
         "tokenizer_config.json": hf_tokenizer_config(ckpt["tokenizer"], model.config.max_seq_len),
     }
-    for name, content in files.items():
-        (out_dir / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "tokenizer.model").write_bytes(ckpt["tokenizer"])  # for SentencePiece users
-    return sorted(out_dir / name for name in [*files, "model.safetensors", "tokenizer.model"])
+    contents = {name: (json.dumps(content, ensure_ascii=False, indent=2) + "\n").encode() for name, content in
+                files.items()}
+    contents["model.safetensors"] = save(weights, metadata={"format": "pt"})
+    contents["tokenizer.model"] = ckpt["tokenizer"]  # for SentencePiece users
+    contents["README.md"] = model_card(ckpt, model, license).encode()
+    for name, data in contents.items():
+        atomic_write(out_dir / name, data)
+    return sorted(out_dir / name for name in contents)
+
+
+def _gguf_exporter():
+    """nanokor.export_gguf.export_gguf, whose `gguf` package is an optional extra."""
+    try:
+        from nanokor.export_gguf import export_gguf
+    except ModuleNotFoundError as e:
+        if e.name != "gguf":
+            raise
+        raise ExportError("GGUF export needs the `gguf` package (llama.cpp's Python writer), which is not "
+                          "installed. Install it with pip install -e '.[gguf]' (or pip install gguf) and run "
+                          "the command again; the Hugging Face export (without --gguf) does not need it.") from None
+    return export_gguf
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.export",
-                                description="Export a nanokor checkpoint as a Hugging Face Llama directory.")
+                                description="Export a nanokor checkpoint as a Hugging Face Llama directory, or "
+                                            "with --gguf as a GGUF file for llama.cpp, Ollama and LM Studio.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
-    p.add_argument("--out", default="hf", help="output directory (default: hf/)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weight dtype in model.safetensors (default: float32)")
+    p.add_argument("--out", help="output directory (default: hf/, or gguf/ with --gguf)")
+    p.add_argument("--gguf", action="store_true",
+                   help="write model-<dtype>.gguf and an Ollama Modelfile instead of the Hugging Face directory "
+                        "(needs pip install -e '.[gguf]')")
+    p.add_argument("--dtype", default="float32", choices=[*DTYPES, "q8_0"],
+                   help="weight dtype (default: float32); q8_0 (8-bit blocks) with --gguf only")
+    p.add_argument("--license", type=license_id, default="unknown",
+                   help="licence id for the model card and GGUF metadata, e.g. mit or apache-2.0 (default: unknown)")
     args = p.parse_args(argv)
+    if args.dtype == "q8_0" and not args.gguf:
+        p.error("--dtype q8_0 is a GGUF type; add --gguf, or pick float32, bfloat16 or float16 for safetensors")
+    out = Path(args.out or ("gguf" if args.gguf else "hf"))
+    dtype = args.dtype if args.dtype == "q8_0" else DTYPES[args.dtype]
     try:
-        files = export(load_checkpoint(args.ckpt), args.out, DTYPES[args.dtype])
+        ckpt = load_checkpoint(args.ckpt)
+        files = _gguf_exporter()(ckpt, out, dtype, args.license) if args.gguf else export(ckpt, out, dtype,
+                                                                                           args.license)
     except NanokorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in files:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) and "
-          f"AutoTokenizer.from_pretrained({str(args.out)!r})")
+    if args.gguf:
+        print(f"run it with llama.cpp: llama-completion -m {files[0]} -p '한국의 역사는'; with Ollama: "
+              f"ollama create nanokor -f {files[1]} && ollama run nanokor '한국의 역사는'")
+    else:
+        print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
+              f"AutoTokenizer.from_pretrained({str(out)!r})")
     return 0
 
 

@@ -1,14 +1,17 @@
 """The exported directory in transformers (offline): same logits, same token ids, same greedy tokens."""
 
+import importlib.util
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from nanokor.checkpoint import build_model, load_checkpoint
+from nanokor.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanokor.corpus import open_corpus
 from nanokor.export import hf_tokenizer_json, main
 from nanokor.generate import generate
@@ -110,6 +113,42 @@ def test_bfloat16_export_writes_bf16_weights_that_load(tmp_path_factory, tokeniz
     idx = torch.tensor([[1, *tokenizer.encode(KOREAN)]])
     with torch.no_grad():
         assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_converter_and_sampling_keys_match_nanokor_and_sample_py(exported):
+    out = exported[1]
+    # convert_hf_to_gguf.py turns this into add_space_prefix; without it llama.cpp prepends "▁".
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_prefix_space"] is False
+    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    defaults = sample.parse_args(["--ckpt", "x"])
+    assert defaults.top_k is None and defaults.top_p is None  # off in sample.py, so off here too
+    gen = GenerationConfig.from_pretrained(out)
+    assert (gen.temperature, gen.top_k, gen.top_p, gen.min_p, gen.repetition_penalty) == (
+        defaults.temperature, 0, 1.0, 0.0, defaults.repetition_penalty)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample) == (1, 2, 3, True)
+
+
+def test_model_card_has_front_matter_and_the_training_figures(tmp_path, ckpt, exported):
+    front, body = card(exported[1])
+    assert front == {"language": ["ko"], "license": "unknown", "library_name": "transformers",
+                     "pipeline_tag": "text-generation", "tags": ["nanokor", "llama"]}
+    assert "| training tokens | not recorded |" in body and "| validation | not recorded |" in body
+    assert "2 layers, d_model 64, 4 heads (2 key/value)" in body and "SentencePiece BPE, 4,608 pieces" in body
+    trained = load_checkpoint(ckpt)
+    trained.update(step=150, tokens_seen=307_200, val={"loss": 5.91234, "bpb": 2.01234, "step": 150})
+    save_checkpoint(trained, tmp_path / "trained.pt")
+    assert main(["--ckpt", str(tmp_path / "trained.pt"), "--out", str(tmp_path / "hf"), "--license", "mit"]) == 0
+    front, body = card(tmp_path / "hf")
+    assert front["license"] == "mit"
+    assert "| training tokens | 307,200 (150 steps) |" in body
+    assert "| validation | 2.0123 bits per byte, loss 5.9123 (step 150) |" in body
+
+
+def card(out):
+    _, front, body = (out / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(front), body
 
 
 def test_sinusoidal_model_is_refused_with_a_clear_message(tmp_path, tokenizer, capsys):

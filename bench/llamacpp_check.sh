@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# llama.cpp against nanokor on a trained checkpoint: tokenization, greedy text and perplexity.
+#
+#   bash bench/llamacpp_check.sh                    # 18 min the first time on 2 busy cores (13 of them building
+#                                                   # llama.cpp), about 6 after
+#   CKPT=out/last.pt bash bench/llamacpp_check.sh   # check that checkpoint instead of training one (3 min)
+#
+# Builds llama.cpp CPU-only from the sources vendored in the llama-cpp-python sdist on PyPI
+# (LLAMA_CPP_PYTHON_VERSION, default 0.3.36), only llama-tokenize, llama-completion and
+# llama-perplexity, cached in ~/.cache/nanokor/llama.cpp so a rerun skips the build. Trains the
+# quickstart model on the embedded sample (config/tiny.py with its shape spelled out, plus 2 key/value
+# heads so grouped-query attention is exercised), then checks four GGUF files: `--gguf` at f32 and
+# q8_0, f32 from llama.cpp's own convert_hf_to_gguf.py run on the Hugging Face export, and the same
+# with add_prefix_space deleted from tokenizer_config.json (the export before the fix). The checks
+# are bench/llamacpp_check.py's: every non-empty line of the sample tokenized by both, greedy
+# continuations of five prompts, and llama-perplexity -c <block_size> against nanokor's loss on the
+# same windows. Prints a table; writes bench/results/llamacpp_check.json. Not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nanokor, not an installed one
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+CACHE="${LLAMACPP_CACHE:-$HOME/.cache/nanokor/llama.cpp}"
+SRC="$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp"
+BIN="$CACHE/build-$VERSION/bin"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+if [[ ! -x "$BIN/llama-perplexity" || ! -x "$BIN/llama-completion" || ! -x "$BIN/llama-tokenize" ]]; then
+    echo "== building llama.cpp from llama-cpp-python $VERSION (about 13 minutes on 2 busy cores)"
+    mkdir -p "$CACHE"
+    [[ -d "$SRC" ]] || {
+        pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE" > "$WORK/download.log"
+        tar xzf "$CACHE/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
+    }
+    nice -n 19 cmake -S "$SRC" -B "$CACHE/build-$VERSION" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF > "$WORK/cmake.log" 2>&1 \
+        || { tail -20 "$WORK/cmake.log"; exit 1; }
+    nice -n 19 cmake --build "$CACHE/build-$VERSION" -j "$(nproc)" \
+        --target llama-tokenize llama-completion llama-perplexity > "$WORK/build.log" 2>&1 \
+        || { tail -20 "$WORK/build.log"; exit 1; }
+fi
+
+CKPT="${CKPT:-}"
+if [[ -z "$CKPT" ]]; then
+    echo "== training the quickstart model on the embedded sample (about a minute)"
+    python prepare.py --dataset sample --out "$WORK/sample" > "$WORK/prepare.log"
+    python train.py config/tiny.py --data_dir="$WORK/sample" --out_dir="$WORK/out" --n_layer=4 --n_head=4 \
+        --n_kv_head=2 --d_model=128 --d_ff=384 --block_size=128 --max_steps=150 --wandb_mode=disabled \
+        > "$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
+    grep "val loss" "$WORK/train.log" | tail -1
+    CKPT="$WORK/out/last.pt"
+fi
+
+echo "== exporting: --gguf f32 and q8_0, and the HF directory through convert_hf_to_gguf.py"
+python -m nanokor.export --ckpt "$CKPT" --gguf --out "$WORK/gguf" > /dev/null
+python -m nanokor.export --ckpt "$CKPT" --gguf --out "$WORK/gguf" --dtype q8_0 > /dev/null
+python -m nanokor.export --ckpt "$CKPT" --out "$WORK/hf" > /dev/null
+# The same directory without add_prefix_space, as the export wrote it before: the check must catch that.
+cp -r "$WORK/hf" "$WORK/hf-old"
+python -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); del c["add_prefix_space"]; json.dump(c, open(p, "w"))' \
+    "$WORK/hf-old/tokenizer_config.json"
+for dir in hf hf-old; do
+    python "$SRC/convert_hf_to_gguf.py" "$WORK/$dir" --outfile "$WORK/converted-$dir.gguf" --outtype f32 \
+        > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
+done
+
+cat nanokor/data/sample/*.txt > "$WORK/sample.txt"
+python bench/llamacpp_check.py --bin "$BIN" --ckpt "$CKPT" --text "$WORK/sample.txt" \
+    --gguf "nanokor --gguf, f32=$WORK/gguf/model-f32.gguf" \
+    --gguf "nanokor --gguf, q8_0=$WORK/gguf/model-q8_0.gguf" \
+    --gguf "convert_hf_to_gguf.py, f32=$WORK/converted-hf.gguf" \
+    --gguf "convert_hf_to_gguf.py, f32, no add_prefix_space=$WORK/converted-hf-old.gguf"

@@ -1,0 +1,255 @@
+"""The GGUF export, read back with the `gguf` package's reader: architecture, tensors, vocabulary.
+
+llama.cpp itself is not built in CI (bench/llamacpp_check.sh runs it), so two small references stand
+in for it here, written from llama.cpp's sources and fed only what the GGUF file holds: its Llama
+forward pass (adjacent-pair RoPE, grouped heads, token_embd as the head when output.weight is absent)
+and its SPM tokenizer. SentencePiece itself is the reference for pieces, scores and types.
+"""
+
+import re
+import sys
+import unicodedata
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from nanokor.checkpoint import build_model, load_checkpoint
+from nanokor.corpus import open_corpus
+from nanokor.export import SAMPLING, main
+from nanokor.tokenizer import train_tokenizer
+
+from test_export import EDGE_CASES, KOREAN
+from tiny_checkpoint import make_checkpoint
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (gguf.TokenType[n] for n in (
+    "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE"))
+
+
+def export_gguf(tmp_path_factory, tokenizer, name, *extra_args, **overrides):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp(name) / "last.pt", tokenizer, **overrides)
+    out = ckpt.parent / "gguf"
+    assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(out), *extra_args]) == 0
+    return ckpt, out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    return export_gguf(tmp_path_factory, tokenizer, "untied")
+
+
+@pytest.fixture(scope="module")
+def exported_tied_mqa(tmp_path_factory, tokenizer):
+    return export_gguf(tmp_path_factory, tokenizer, "tied", tie_embeddings=True, n_kv_head=1, rope_theta=5e5,
+                       norm_eps=1e-6)
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, reader
+
+
+def weights(reader) -> dict:
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in reader.tensors}
+
+
+def llamacpp_logits(meta: dict, w: dict, ids: list[int]) -> np.ndarray:
+    """llama.cpp's Llama graph in float64: RoPE rotates dims (2i, 2i+1) of each head, query head h reads
+    key/value head h // (n_head / n_head_kv), and the LM head is token_embd when output.weight is absent."""
+    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    eps, theta = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    x = w["token_embd.weight"][ids]
+    n, d = x.shape
+    hd = meta["llama.rope.dimension_count"]
+    angle = np.arange(n)[:, None, None] * theta ** (-np.arange(0, hd, 2) / hd)  # (n, 1, hd/2)
+    cos, sin = np.cos(angle), np.sin(angle)
+
+    def rope(q):
+        a, b = q[..., 0::2], q[..., 1::2]
+        return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(q.shape)
+
+    def rms(v, g):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * g
+
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(meta["llama.block_count"]):
+        blk = {k.split(".")[2]: v for k, v in w.items() if k.startswith(f"blk.{i}.")}
+        h = rms(x, blk["attn_norm"])
+        q = rope((h @ blk["attn_q"].T).reshape(n, n_head, hd))
+        k = np.repeat(rope((h @ blk["attn_k"].T).reshape(n, n_kv, hd)), n_head // n_kv, axis=1)
+        v = np.repeat((h @ blk["attn_v"].T).reshape(n, n_kv, hd), n_head // n_kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + causal
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        x = x + np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, d) @ blk["attn_output"].T
+        h = rms(x, blk["ffn_norm"])
+        gate = h @ blk["ffn_gate"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ blk["ffn_up"].T)) @ blk["ffn_down"].T
+    return rms(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+def llamacpp_tokenize(meta: dict, text: str) -> list[int]:
+    """llama.cpp's SPM tokenizer (llama-vocab.cpp), parse_special off. User-defined tokens are cut out of
+    the raw text first; each other fragment gets a leading space if add_space_prefix (llama.cpp's
+    default: true) and follows a token, spaces become "▁", then the adjacent pair that forms the
+    highest-scoring token merges (leftmost on ties) until none does; what is no token becomes bytes."""
+    pieces, scores, types = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+    ids = {p: i for i, p in enumerate(pieces)}
+    user = sorted((p for p, t in zip(pieces, types) if t == USER_DEFINED), key=len, reverse=True)
+    add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    out, after_token = [], True
+    for fragment in re.split("(" + "|".join(map(re.escape, user)) + ")", text):
+        if fragment in user:
+            out.append(ids[fragment])
+            after_token = True
+        elif fragment:
+            symbols = list(((" " if add_prefix and after_token else "") + fragment).replace(" ", "\u2581"))
+            while True:
+                pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in ids]
+                if not pairs:
+                    break
+                i = -max(pairs)[1]
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            out += [j for s in symbols for j in ([ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()])]
+            after_token = False
+    return out
+
+
+def layer_names(i: int) -> set[str]:
+    return {f"blk.{i}.{t}.weight" for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                                          "ffn_gate", "ffn_up", "ffn_down")}
+
+
+@pytest.mark.parametrize("which", ["exported", "exported_tied_mqa"])
+def test_gguf_is_a_llama_whose_logits_equal_nanokor(which, request, tokenizer):
+    ckpt, out = request.getfixturevalue(which)
+    model = build_model(load_checkpoint(ckpt))
+    c = model.config
+    meta, reader = fields(out / "model-f32.gguf")
+    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert (meta["llama.block_count"], meta["llama.context_length"], meta["llama.embedding_length"],
+            meta["llama.feed_forward_length"], meta["llama.attention.head_count"],
+            meta["llama.attention.head_count_kv"], meta["llama.vocab_size"]) == (
+        c.n_layer, c.max_seq_len, c.d_model, c.d_ff, c.n_head, c.n_kv_head, c.vocab_size)
+    assert meta["llama.rope.freq_base"] == c.rope_theta
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.norm_eps, rel=1e-6)
+    names = {"token_embd.weight", "output_norm.weight"} | set().union(*map(layer_names, range(c.n_layer)))
+    names |= set() if c.tie_embeddings else {"output.weight"}
+    assert {t.name for t in reader.tensors} == names
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
+    ids = [tokenizer.bos_id, *tokenizer.encode(KOREAN)]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].double().numpy()
+    assert np.abs(llamacpp_logits(meta, weights(reader), ids) - ours).max() <= 1e-4
+
+
+def test_rope_permutation_is_what_the_forward_pass_needs(exported, tokenizer):
+    """The same file with q/k rows left in nanokor's order computes different logits: the test above
+    would catch a missing permutation."""
+    ckpt, out = exported
+    meta, reader = fields(out / "model-f32.gguf")
+    w = weights(reader)
+    model = build_model(load_checkpoint(ckpt))
+    for i, layer in enumerate(model.layers):
+        w[f"blk.{i}.attn_q.weight"] = layer.self_attn.q_proj.weight.detach().double().numpy()
+        w[f"blk.{i}.attn_k.weight"] = layer.self_attn.k_proj.weight.detach().double().numpy()
+    ids = [tokenizer.bos_id, *tokenizer.encode(KOREAN)]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0].double().numpy()
+    assert np.abs(llamacpp_logits(meta, w, ids) - ours).max() > 1e-2
+
+
+def test_vocabulary_is_sentencepieces_pieces_scores_and_types(exported, tokenizer):
+    meta, _ = fields(exported[1] / "model-f32.gguf")
+    sp, n = tokenizer.sp, tokenizer.vocab_size
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert meta["tokenizer.ggml.scores"] == [np.float32(sp.get_score(i)) for i in range(n)]
+    expected = [UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else BYTE if sp.is_byte(i)
+                else UNUSED if sp.is_unused(i) else NORMAL for i in range(n)]
+    expected[sp.piece_to_id("\n")] = USER_DEFINED  # prepare.py's one user-defined symbol
+    assert meta["tokenizer.ggml.token_type"] == expected
+    assert [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("unknown", "bos", "eos", "padding")] == [0, 1, 2, 3]
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.add_space_prefix"] is False
+
+
+def test_llamacpps_tokenizer_reading_the_gguf_gives_nanokors_ids(exported, tokenizer):
+    meta, _ = fields(exported[1] / "model-f32.gguf")
+    lines = [line for doc in open_corpus("sample").documents() for line in doc.split("\n") if line]
+    for text in [KOREAN, *EDGE_CASES, *lines[::8]]:
+        text = unicodedata.normalize("NFC", text)  # nanokor's encode applies NFC; llama.cpp does not
+        assert llamacpp_tokenize(meta, text) == tokenizer.encode(text), text[:40]
+    # The issue's bug, reproduced: without the key llama.cpp prepends "▁" and the ids differ.
+    del meta["tokenizer.ggml.add_space_prefix"]
+    assert llamacpp_tokenize(meta, "한국의 역사는") != tokenizer.encode("한국의 역사는")
+
+
+def test_sampling_defaults_are_sample_pys_in_gguf_and_modelfile(exported, tokenizer):
+    meta, _ = fields(exported[1] / "model-f32.gguf")
+    assert meta["general.sampling.temp"] == pytest.approx(SAMPLING["temperature"])
+    assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.min_p"],
+            meta["general.sampling.penalty_repeat"]) == (0, 1.0, 0.0, 1.0)
+    assert meta["general.languages"] == ["ko"] and meta["general.license"] == "unknown"
+    assert "training tokens: not recorded" in meta["general.description"]
+    lines = (exported[1] / "Modelfile").read_text().splitlines()
+    params = dict(line.split()[1:] for line in lines if line.startswith("PARAMETER "))
+    assert "FROM ./model-f32.gguf" in lines and 'TEMPLATE """{{ .Prompt }}"""' in lines
+    assert params == {"num_ctx": "128", "temperature": "0.8", "top_k": str(tokenizer.vocab_size), "top_p": "1.0",
+                      "min_p": "0.0", "repeat_penalty": "1.0"}
+
+
+@pytest.mark.parametrize("dtype, qtype, file_type", [
+    ("float16", "F16", "MOSTLY_F16"), ("bfloat16", "BF16", "MOSTLY_BF16"), ("q8_0", "Q8_0", "MOSTLY_Q8_0")])
+def test_half_and_8_bit_exports_round_the_matrices_only(dtype, qtype, file_type, exported, tmp_path):
+    assert main(["--ckpt", str(exported[0]), "--gguf", "--out", str(tmp_path), "--dtype", dtype]) == 0
+    meta, reader = fields(tmp_path / f"model-{qtype.lower()}.gguf")
+    assert meta["general.file_type"] == gguf.LlamaFileType[file_type]
+    assert (tmp_path / "Modelfile").read_text().count(f"FROM ./model-{qtype.lower()}.gguf") == 1
+    f32 = weights(fields(exported[1] / "model-f32.gguf")[1])
+    for name, w in weights(reader).items():
+        ref, kind = f32[name], reader.get_tensor([t.name for t in reader.tensors].index(name)).tensor_type
+        if name.endswith("norm.weight"):
+            assert kind == gguf.GGMLQuantizationType.F32 and np.array_equal(w, ref)
+        elif qtype == "Q8_0":  # one f16 scale per 32 values: off by half a step (the block's max / 127), plus
+            assert kind == gguf.GGMLQuantizationType.Q8_0  # the scale's own rounding (up to 127 * 2^-11 steps)
+            step = np.abs(ref.reshape(-1, 32)).max(-1, keepdims=True) / 127
+            assert (np.abs(w - ref).reshape(-1, 32) <= step * 0.57).all()
+        else:  # exactly torch's rounding
+            assert kind == gguf.GGMLQuantizationType[qtype]
+            assert np.array_equal(w, torch.from_numpy(ref).to(getattr(torch, dtype)).double().numpy())
+
+
+def test_unigram_tokenizer_is_refused_with_a_clear_message(tmp_path, capsys):
+    docs = list(open_corpus("sample").documents())
+    unigram = train_tokenizer(docs, vocab_size=2048, model_type="unigram")
+    ckpt = make_checkpoint(tmp_path / "u.pt", unigram)
+    assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(tmp_path / "gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unigram" in err and "--model-type bpe" in err and "Traceback" not in err
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_missing_gguf_package_names_the_extra(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "nanokor.export_gguf", raising=False)
+    assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(tmp_path / "gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install -e '.[gguf]'" in err and "Traceback" not in err
+
+
+def test_bad_dtype_and_licence_are_usage_errors(ckpt, tmp_path, capsys):
+    for args in (["--dtype", "q8_0"], ["--gguf", "--license", "MIT License"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(ckpt), "--out", str(tmp_path / "x"), *args])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "q8_0 is a GGUF type" in err and "not a licence identifier" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_sinusoidal_model_is_refused(tmp_path, tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path / "sin.pt", tokenizer, position="sinusoidal")
+    assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(tmp_path / "gguf")]) == 2
+    assert "position='rope'" in capsys.readouterr().err
+    assert not (tmp_path / "gguf").exists()
