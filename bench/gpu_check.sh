@@ -64,6 +64,7 @@ run() {  # name, then train.py flags
 }
 
 run sdpa-compile --attention=sdpa --compile=true
+run muon-compile --attention=sdpa --compile=true --optimizer=muon --schedule=wsd --lr=3e-3 --min_lr=0
 if python -c "import flash_attn" 2>/dev/null; then
     run flash-compile --attention=flash --compile=true
 else
@@ -77,7 +78,7 @@ from pathlib import Path
 
 log = Path(sys.argv[1])
 rows = []
-for name in ("sdpa-compile", "flash-compile", "sdpa-eager"):
+for name in ("sdpa-compile", "muon-compile", "flash-compile", "sdpa-eager"):
     path = log / f"{name}.metrics.jsonl"
     if not path.is_file():
         continue
@@ -100,6 +101,16 @@ for r in rows:
           f"{r['peak_mem_gb']:>8.1f} {loss:>6}")
 print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})")
 EOF
+
+if [ "${PROFILE:-1}" = 1 ]; then  # the base shape, 32k vocabulary: the step's breakdown, fused vs plain loss
+    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer muon" "--compile --dropout 0"; do
+        name="profile$(echo $flags | tr -d ' -')"
+        echo "== bench/step_profile.py $flags"
+        PYTHONPATH=. timeout 240 python bench/step_profile.py $flags --out "$LOG/$name.json" > "$LOG/$name.log" 2>&1 \
+            || echo "   failed (exit $?)"
+        grep -E "^step|^  [a-z]+ |matmuls alone" "$LOG/$name.log"
+    done
+fi
 
 if [ "${SAMPLE:-1}" = 1 ]; then
     echo "== generation: bench/sample_speed.py on this GPU"

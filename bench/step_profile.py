@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--plain-loss", action="store_true",
+                   help="the unfused LM head + cross-entropy (full logits), to measure what the fused one saves")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
@@ -75,7 +77,7 @@ def main():
 
     def step():
         with autocast():
-            _, loss = fwd(x, y, loss_only=True)
+            _, loss = fwd(x, y, loss_only=not args.plain_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -131,7 +133,8 @@ def main():
 
     print(f"{device_name}, torch {torch.__version__}, {'bf16' if bf16 else 'fp32'}, "
           f"{'compiled' if args.compile else 'eager'}; {model.num_params() / 1e6:.1f}M params, "
-          f"{args.batch_size} x {args.seq_len} tokens, dropout {args.dropout}")
+          f"{args.batch_size} x {args.seq_len} tokens, dropout {args.dropout}, {args.optimizer}, "
+          f"{'plain' if args.plain_loss else 'fused'} LM head + loss")
     print(f"step {step_s * 1e3:.1f} ms, {tokens / step_s:,.0f} tokens/s, {result['tflops']:.3g} TFLOP/s"
           + (f", MFU {mfu:.1%}" if mfu is not None else "") + f" (warm-up {warmup_s:.1f} s)")
     busy = f", {kernel_ms / (step_s * 1e3):.0%} of the step's wall time" if cuda else ""

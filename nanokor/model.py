@@ -20,8 +20,6 @@ try:  # flash-attn is optional (CUDA only); SDPA is the fallback everywhere.
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
-# SDPA shares key/value heads itself from torch 2.5 on; older versions get them repeated explicitly.
-SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 POSITION_ENCODINGS = ("rope", "sinusoidal")
 
@@ -218,9 +216,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), weights
 
     def _sdpa(self, q, k, v, dropout_p):
-        gqa = {"enable_gqa": True} if SDPA_GQA and self.n_kv_head != self.n_head else {}
-        if not SDPA_GQA:
-            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # SDPA shares k/v heads itself
         if q.size(2) == k.size(2):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
         # Decoding against a cache: SDPA's is_causal aligns top-left, so pass the mask (one new token

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from nanokor.errors import CheckpointError, ConfigError
+from nanokor.errors import CheckpointError
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -121,10 +121,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
 
 
 def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer='muon' needs torch.optim.Muon, which PyTorch ships from 2.9 on; this is "
-                          f"torch {torch.__version__}. Upgrade PyTorch (pip install 'torch>=2.9'), or train with "
-                          "--optimizer=adamw.")
+    """torch.optim.Muon (PyTorch >= 2.9, the package's floor): Nesterov momentum, five Newton-Schulz
+    steps, and the shape scaling sqrt(max(1, rows/cols)) of Keller Jordan's original."""
     return torch.optim.Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
                             adjust_lr_fn="original")
 
