@@ -207,7 +207,8 @@ def check_sample_prompt(cfg, tokenizer) -> None:
         try:
             room_to_generate(len(encode_prompt(tokenizer, cfg.sample_prompt)), cfg.sample_tokens, cfg.block_size)
         except PromptError as e:
-            raise ConfigError(f"sample_prompt: {e} Or turn the eval sample off with --sample_tokens=0.") from None
+            raise ConfigError(f"sample_prompt leaves no room to generate within block_size: {e} Or turn the eval "
+                              "sample off with --sample_tokens=0.") from None
 
 
 def resume(engine, loader: TrainLoader, run: RunDir, env: Env) -> LoopState:

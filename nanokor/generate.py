@@ -39,7 +39,7 @@ def room_to_generate(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> 
     prompt that leaves no room at all is a PromptError."""
     if prompt_len >= max_seq_len:
         raise PromptError(f"The prompt is {prompt_len} tokens (with BOS), but the model's context is "
-                          f"{max_seq_len} tokens, which leaves no room to generate. Shorten the prompt to at most "
+                          f"{max_seq_len} tokens, leaving no room to generate. Shorten the prompt to at most "
                           f"{max_seq_len - 2} tokens.")
     return min(max_new_tokens, max_seq_len - prompt_len)
 
