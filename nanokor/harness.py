@@ -44,11 +44,11 @@ def run(args) -> int:
               "num_fewshot": args.num_fewshot, "limit": args.limit, "dtype": dtype,
               "lm_eval_version": lm_eval.__version__,
               **{k: results.get(k) for k in ("results", "groups", "n-shot", "n-samples", "versions")}}
+    print(table(results["results"]))  # first: a long run's results are on screen even if the file fails
     try:
         atomic_write(out, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     except OSError as e:
         raise EvalError(f"Cannot write the results to {out} ({e.strerror}). Pass a writable path with --out.") from None
-    print(table(results["results"]))
     print(f"wrote {out}")
     return 0
 
