@@ -3,6 +3,7 @@
     python prepare.py --dataset sample                                   # embedded sample, seconds
     python prepare.py --data-files 'corpus/*.parquet'                    # local parquet/jsonl/txt
     python prepare.py --subset tiny-textbooks --max-bytes 2G             # maywell/korean_textbooks
+    python prepare.py --dataset owner/name --subset a,b --split train    # any Hub dataset, or a directory
 
 Output (default data/<name>/): tokenizer.model, token_bytes.npy, train_000000.bin …, val_000000.bin …,
 meta.json. The directory is built as <out>.partial and renamed when complete.
@@ -22,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import nanokor
-from nanokor.corpus import clean, open_corpus
+from nanokor.corpus import HF_DATASET, clean, open_corpus
 from nanokor.encode import doc_key, encode_to_shards, split_of
 from nanokor.errors import DataError, exit_on_error
 from nanokor.shards import DataDir
@@ -55,18 +56,22 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
-    src.add_argument("--dataset", choices=["hf", "sample"], default="hf",
-                     help="hf: stream maywell/korean_textbooks from the Hugging Face Hub (default); "
-                          "sample: the Korean sample shipped in nanokor/data/sample")
-    src.add_argument("--subset", default="all",
-                     help="hf subsets, comma-separated (e.g. tiny-textbooks,claude_evol), or 'all' (default)")
+    src.add_argument("--dataset", default=HF_DATASET, metavar="ID_OR_DIR",
+                     help="a Hugging Face dataset id, streamed (default: %(default)s), a local directory laid "
+                          "out like one (data files, and a README.md whose `configs:` names them), or 'sample': "
+                          "the Korean sample shipped in nanokor/data/sample")
+    src.add_argument("--subset",
+                     help="the dataset's configs, comma-separated (e.g. tiny-textbooks,claude_evol), or 'all'; "
+                          f"default: all, but for {HF_DATASET} its distinct configs, without the duplicate "
+                          "mmlu_* copies")
+    src.add_argument("--split", default="train", help="the dataset's split (default: train)")
     src.add_argument("--data-files", nargs="+", metavar="GLOB",
                      help="local .parquet/.jsonl/.txt files (globs; quote them); overrides --dataset")
     src.add_argument("--val-files", nargs="+", metavar="GLOB",
                      help="held-out .parquet/.jsonl/.txt files: every document goes to validation, none to "
                           "training (files --data-files also matches are left out of training); "
                           "--val-fraction then defaults to 0")
-    src.add_argument("--text-column", default="text", help="parquet column / jsonl field holding the text")
+    src.add_argument("--text-column", default="text", help="the column (jsonl field) holding the text")
     src.add_argument("--max-docs", type=int, help="stop after this many documents")
     src.add_argument("--max-bytes", type=parse_size, help="stop after this much raw text (e.g. 2G)")
     tok = p.add_argument_group("tokenizer")
@@ -125,6 +130,32 @@ def warn_held_out_names(corpus, explicit_val: bool) -> None:
               "'corpus/validation-*.parquet'.", file=sys.stderr)
 
 
+def describe(info: dict, max_docs: int | None, max_bytes: int | None) -> str:
+    """One paragraph on what will be read, printed before reading starts."""
+    if info["source"] == "sample":
+        what = f"the embedded Korean sample ({len(info['files'])} files)"
+    elif info["source"] == "files":
+        names = ", ".join(Path(f).name for f in info["files"][:3]) + (" ..." if len(info["files"]) > 3 else "")
+        what = f"{len(info['files'])} local file(s) ({names}), column {info['text_column']!r}"
+    else:
+        where = "the Hugging Face Hub" if info["source"] == "hub" else "a local dataset directory"
+        what = (f"{info['dataset']} from {where}, streamed: {len(info['subsets'])} config(s) in turn "
+                f"({', '.join(info['subsets'])}), split {info['split']!r}, column {info['text_column']!r}")
+    caps = (f"; at most {max_docs:,} documents" if max_docs else "") + (f"; at most {max_bytes / 1e6:,.0f} MB"
+                                                                         if max_bytes else "")
+    return f"reading {what}{caps}"
+
+
+def warn_duplicate_subsets(info: dict) -> None:
+    """maywell/korean_textbooks' mmlu_* configs are copies of one another (see corpus.HF_DATASET_SUBSETS)."""
+    mmlu = [s for s in info["subsets"] if s.startswith("mmlu_")] if info.get("dataset") == HF_DATASET else []
+    if mmlu:
+        print(f"warning: {len(mmlu)} of the configs read are {HF_DATASET}'s mmlu_* ones, identical ~149 MB copies "
+              "of one another (their repeated documents are dropped, but only after being streamed), and text "
+              "derived from MMLU contaminates a KMMLU evaluation. The default --subset leaves them out.",
+              file=sys.stderr)
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber, before any slow work."""
     if out.exists():
@@ -169,7 +200,7 @@ HELD_OUT_NAME = re.compile(r"(^|[-_.])(validation|valid|val|test|dev|eval)([-_.\
 def run(args, argv: list[str]) -> dict:
     val_corpus = open_corpus(data_files=args.val_files, text_column=args.text_column) if args.val_files else None
     held_out_files = [Path(f) for f in val_corpus.info["files"]] if val_corpus else []
-    corpus = open_corpus(args.dataset, subsets=args.subset, data_files=args.data_files,
+    corpus = open_corpus(args.dataset, subsets=args.subset, split=args.split, data_files=args.data_files,
                          text_column=args.text_column, max_docs=args.max_docs, max_bytes=args.max_bytes,
                          exclude=held_out_files)
     warn_held_out_names(corpus, bool(val_corpus))
@@ -184,6 +215,8 @@ def run(args, argv: list[str]) -> dict:
         raise DataError("--vocab-size applies when training a tokenizer; --tokenizer reuses one. Pass one of them.")
     check_output_dir(out, args.overwrite)
     num_proc = max(1, args.num_proc)
+    print(describe(corpus.info, args.max_docs, args.max_bytes))
+    warn_duplicate_subsets(corpus.info)
 
     if args.tokenizer:
         try:

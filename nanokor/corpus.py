@@ -1,7 +1,8 @@
 """Text sources for prepare.py: a stream of raw documents, and the cleaning applied to each.
 
-Three sources, one shape (an iterator of `str`, one per document):
-  - the Hugging Face dataset `maywell/korean_textbooks`, streamed (never downloaded whole);
+Three kinds of source, one shape (an iterator of `str`, one per document):
+  - a dataset that `datasets` reads, streamed (never downloaded whole): a Hugging Face Hub id
+    (`owner/name`, by default `maywell/korean_textbooks`) or a local directory laid out like a Hub repo;
   - local files: parquet (a string column), jsonl (a string field) and txt (documents separated
     by a blank line), given as globs;
   - the Korean sample shipped in `nanokor/data/sample/*.txt` (quickstart and tests).
@@ -22,13 +23,21 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 from nanokor.errors import DataError
 
-HF_DATASET = "maywell/korean_textbooks"
+HF_DATASET = "maywell/korean_textbooks"  # prepare.py's default --dataset
+# Its default --subset: the dataset's distinct configs. The rest, mmlu_all and one mmlu_<subject> per MMLU
+# subject, are identical ~149 MB copies of one another, and MMLU-derived text would contaminate a KMMLU
+# evaluation. The list is taken from the dataset's file tree on the Hub; --subset all reads whatever the Hub
+# lists at the time.
+HF_DATASET_SUBSETS = ("claude_evol", "code-alpaca", "helpsteer", "ko_wikidata", "normal_instructions",
+                      "tiny-textbooks")
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 HUB_PROBE_TIMEOUT_S = 10.0
 # Text per unit of work: small enough that workers end together and memory stays low, large enough to
@@ -122,7 +131,7 @@ class Corpus:
         """The documents as units of work for the encoder, in source order; each has `read(counts)`.
 
         Local files come as parts that the workers read themselves, counting read problems in their
-        own tallies. The Hugging Face stream, and a run capped by --max-docs/--max-bytes (where the cut
+        own tallies. A `datasets` stream, and a run capped by --max-docs/--max-bytes (where the cut
         depends on every document before it), are read here and sent as batches of `Documents`.
         """
         if self.parts is None or self.max_docs is not None or self.max_bytes is not None:
@@ -144,11 +153,14 @@ def _batches(docs: Iterable[str], chars_per_batch: int) -> Iterator[list[str]]:
         yield batch
 
 
-def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[str] | None = None,
-                text_column: str = "text", max_docs: int | None = None, max_bytes: int | None = None,
-                exclude: Iterable[Path] = ()) -> Corpus:
-    """Resolve the command-line choice of source into a Corpus (fails early on bad input). Files in
-    `exclude` (the held-out --val-files) are left out of the globs' matches."""
+def open_corpus(dataset: str = HF_DATASET, *, subsets: str | None = None, split: str = "train",
+                data_files: list[str] | None = None, text_column: str = "text", max_docs: int | None = None,
+                max_bytes: int | None = None, exclude: Iterable[Path] = ()) -> Corpus:
+    """Resolve the command-line choice of source into a Corpus (fails early on bad input).
+
+    `dataset` is 'sample', a local directory or a Hub id; `subsets` its configs, comma-separated, 'all',
+    or None for the default (HF_DATASET_SUBSETS for HF_DATASET, else all). Files in `exclude` (the
+    held-out --val-files) are left out of the globs' matches."""
     if data_files:
         excluded = {p.resolve() for p in exclude}
         paths = [p for p in _expand_globs(data_files) if p.resolve() not in excluded]
@@ -164,14 +176,8 @@ def open_corpus(dataset: str = "hf", *, subsets: str = "all", data_files: list[s
             raise DataError(f"The embedded Korean sample is missing: no .txt files in {SAMPLE_DIR}. "
                             "Reinstall nanokor from a full checkout, or pass your own text with --data-files.")
         corpus = _files_corpus("sample", {"source": "sample", "files": [p.name for p in paths]}, paths, text_column)
-    elif dataset == "hf":
-        names = _hf_subsets(subsets)
-        corpus = Corpus(HF_DATASET.split("/")[-1], {"source": "hf", "dataset": HF_DATASET, "subsets": names,
-                        "text_column": text_column},
-                        lambda counts: _read_hf(names, text_column))
     else:
-        raise DataError(f"Unknown --dataset {dataset!r}: use 'hf' (the Hugging Face dataset {HF_DATASET}), "
-                        "'sample' (the Korean sample shipped with nanokor), or --data-files for local files.")
+        corpus = _dataset_corpus(dataset, subsets, split, text_column)
     corpus.max_docs, corpus.max_bytes = max_docs, max_bytes
     return corpus
 
@@ -382,62 +388,94 @@ _PARTS = {".parquet": _parquet_parts, ".jsonl": _text_parts, ".txt": _text_parts
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face hub
+# Datasets read by `datasets`: a Hub id or a local directory
 
 
-def _offline_error(reason: str) -> DataError:
+def _dataset_corpus(dataset: str, subsets: str | None, split: str, column: str) -> Corpus:
+    local = Path(dataset).expanduser()
+    if local.is_dir():
+        path, info = str(local.resolve()), {"source": "dir"}
+    elif HUB_ID.fullmatch(dataset):
+        _check_hub(dataset)
+        path, info = dataset, {"source": "hub"}
+    else:
+        raise DataError(f"--dataset {dataset!r} is neither 'sample' (the Korean sample shipped with nanokor), a "
+                        f"Hugging Face dataset id such as {HF_DATASET} (the default) nor a local directory "
+                        f"(relative paths start at {os.getcwd()}). For loose files use --data-files.")
+    names = _subsets(path, subsets)
+    info |= {"dataset": path, "subsets": names, "split": split, "text_column": column}
+    return Corpus(Path(path).name, info, lambda counts: _read_dataset(path, names, split, column))
+
+
+def _offline_error(dataset: str, reason: str) -> DataError:
     return DataError(
-        f"Cannot stream {HF_DATASET} from the Hugging Face Hub ({reason}). To prepare data without the "
-        "hub, use the Korean sample shipped with nanokor: `python prepare.py --dataset sample`; or your "
-        "own files: `python prepare.py --data-files 'corpus/*.parquet'` (parquet, jsonl or txt).")
+        f"Cannot stream {dataset} from the Hugging Face Hub ({reason}). To prepare data without the hub, use "
+        "the Korean sample shipped with nanokor: `python prepare.py --dataset sample`; your own files: "
+        "`python prepare.py --data-files 'corpus/*.parquet'` (parquet, jsonl or txt); or a dataset directory "
+        "laid out like a Hub repo: `python prepare.py --dataset path/to/dir`.")
 
 
-def _check_hub() -> None:
+def _check_hub(dataset: str) -> None:
     """Fail fast when the hub is unreachable: `datasets` alone retries for ~25 s before giving up."""
     from huggingface_hub import constants, get_session
 
     if constants.HF_HUB_OFFLINE:
-        raise _offline_error("HF_HUB_OFFLINE=1 is set")
+        raise _offline_error(dataset, "HF_HUB_OFFLINE=1 is set")
     try:
         get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as e:  # any transport failure (DNS, refused, timeout, proxy); HTTP statuses don't raise
-        raise _offline_error(f"{constants.ENDPOINT} is unreachable: {e}") from None
+        raise _offline_error(dataset, f"{constants.ENDPOINT} is unreachable: {e}") from None
 
 
-def _hf_subsets(subsets: str) -> list[str]:
-    _check_hub()
+@contextmanager
+def _datasets_errors(dataset: str):
+    """`datasets`' failures as DataErrors: no connection, and no such dataset, config, split or files."""
+    try:
+        yield
+    except ConnectionError as e:
+        raise _offline_error(dataset, str(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"Cannot read {dataset} with `datasets` ({e}). --dataset takes a Hugging Face dataset "
+                        "id or a directory laid out like one (data files, and a README.md whose `configs:` "
+                        "names them); pick its configs with --subset and its split with --split.") from None
+
+
+def _subsets(dataset: str, subsets: str | None) -> list[str]:
     import datasets
 
-    try:
-        available = datasets.get_dataset_config_names(HF_DATASET)
-    except ConnectionError as e:
-        raise _offline_error(str(e)) from None
+    with _datasets_errors(dataset):
+        available = datasets.get_dataset_config_names(dataset)
+    if subsets is None:
+        return list(HF_DATASET_SUBSETS) if dataset == HF_DATASET else available
     if subsets == "all":
         return available
     names = [s.strip() for s in subsets.split(",") if s.strip()]
     unknown = [s for s in names if s not in available]
     if unknown or not names:
-        raise DataError(f"Unknown --subset {','.join(unknown) or subsets!r} for {HF_DATASET}; "
+        raise DataError(f"Unknown --subset {','.join(unknown) or subsets!r} for {dataset}; "
                         f"choose from {', '.join(available)} (comma-separated), or 'all'.")
     return names
 
 
-def _read_hf(subsets: list[str], column: str) -> Iterator[str]:
+def _read_dataset(dataset: str, subsets: list[str], split: str, column: str) -> Iterator[str]:
     """Round-robin over the subsets, so any prefix of the stream (the tokenizer sample, a --max-bytes
     cap) mixes all of them instead of being the first subset alone."""
     import datasets
 
-    try:
-        streams = [iter(datasets.load_dataset(HF_DATASET, name, split="train", streaming=True)) for name in subsets]
+    with _datasets_errors(dataset):
+        streams = {name: iter(datasets.load_dataset(dataset, name, split=split, streaming=True)) for name in subsets}
         while streams:
-            for stream in list(streams):
+            for name, stream in list(streams.items()):
                 record = next(stream, None)
                 if record is None:
-                    streams.remove(stream)
-                elif column not in record:
-                    raise DataError(f"{HF_DATASET} has no column {column!r} (it has {sorted(record)}); "
+                    del streams[name]
+                    continue
+                if column not in record:
+                    raise DataError(f"{dataset} ({name}) has no column {column!r} (it has {sorted(record)}); "
                                     "pick one with --text-column.")
-                else:
-                    yield record[column] or ""
-    except ConnectionError as e:
-        raise _offline_error(str(e)) from None
+                text = record[column]
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{dataset} ({name}): column {column!r} holds {type(text).__name__}, not "
+                                    "text. Pick a text column with --text-column (string columns here: "
+                                    f"{', '.join(k for k, v in record.items() if isinstance(v, str)) or 'none'}).")
+                yield text or ""

@@ -4,9 +4,11 @@ Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the predic
 with different tokenizers compare fairly. Like nanochat, tokens that stand for no text (special and
 control ids, byte length 0) are left out of both sums.
 
-The command line scores a checkpoint on any local text, tokenized with the checkpoint's tokenizer:
+The command line scores a checkpoint on any local text, tokenized with the checkpoint's tokenizer, or
+runs lm-evaluation-harness tasks on it (nanokor/harness.py):
 
     python -m nanokor.evaluate --ckpt out/last.pt --data-files 'texts/*.txt' --max-tokens 200000
+    python -m nanokor.evaluate --ckpt out/last.pt --tasks kobest_copa,haerae
 """
 
 import argparse
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanokor import harness
 from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.corpus import normalize, open_corpus
@@ -112,30 +115,55 @@ def token_budget(text: str) -> int | None:
     return value
 
 
+def task_limit(text: str) -> int | float:
+    """--limit: a count of examples per task, or a fraction of them below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a limit: pass a number of examples such as 100, "
+                                         "or a fraction such as 0.1")
+    return int(value) if value >= 1 else value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.evaluate",
-                                description="Loss, perplexity and bits per byte of a checkpoint on any text.")
+                                description="Loss, perplexity and bits per byte of a checkpoint on any text, "
+                                            "or lm-evaluation-harness tasks on it.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
-    p.add_argument("--data-files", nargs="+", required=True,
-                   help="globs of .txt (blank-line separated documents), .jsonl or .parquet files")
-    p.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--max-tokens", type=token_budget, default=1_000_000,
-                   help="token budget: score at most this many tokens (default 1,000,000), or 'all'")
-    p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data-files", nargs="+",
+                      help="globs of .txt (blank-line separated documents), .jsonl or .parquet files")
+    what.add_argument("--tasks", type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                      help="lm-eval tasks, comma-separated (e.g. kobest_copa,haerae); needs the eval extra")
+    text = p.add_argument_group("text (--data-files)")
+    text.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")
+    text.add_argument("--max-tokens", type=token_budget, default=1_000_000,
+                      help="token budget: score at most this many tokens (default 1,000,000), or 'all'")
+    text.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    tasks = p.add_argument_group("lm-eval (--tasks)")
+    tasks.add_argument("--limit", type=task_limit, help="examples per task (a count, or a fraction below 1)")
+    tasks.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    tasks.add_argument("--include-path", help="a directory of task YAML files of your own, e.g. on local data")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="autocast dtype; auto = bfloat16 on GPUs that support it, else float32")
-    p.add_argument("--out", help="JSON results path (default: eval-<data name>.json beside the checkpoint)")
+                   help="autocast dtype (lm-eval: the weights' dtype); auto = bfloat16 on GPUs that support "
+                        "it, else float32")
+    p.add_argument("--out", help="JSON results path (default beside the checkpoint: eval-<data name>.json, "
+                                 "or lm-eval-<tasks>.json)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
         p.error("--batch-size and --seq-len must be >= 1")
+    if args.tasks == [] or (args.num_fewshot is not None and args.num_fewshot < 0):
+        p.error("--tasks needs at least one task name, and --num-fewshot must be >= 0")
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
     args.dtype = resolve_dtype(args.dtype, args.device)
-    return exit_on_error(run, args)
+    return exit_on_error(harness.run if args.tasks else run, args)
 
 
 def run(args) -> int:

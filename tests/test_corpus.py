@@ -131,8 +131,8 @@ def test_unreachable_hub_is_caught_without_the_offline_flag(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_session", lambda: DeadSession())
-    with pytest.raises(DataError, match="--dataset sample.*--data-files"):
-        open_corpus("hf")
+    with pytest.raises(DataError, match="--dataset sample.*--data-files.*--dataset path/to/dir"):
+        open_corpus()  # maywell/korean_textbooks
 
 
 def test_connection_lost_while_streaming_is_caught(monkeypatch):
@@ -143,4 +143,4 @@ def test_connection_lost_while_streaming_is_caught(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataError, match="--dataset sample.*--data-files"):
-        list(corpus._read_hf(["tiny-textbooks"], "text"))
+        list(corpus._read_dataset(corpus.HF_DATASET, ["tiny-textbooks"], "train", "text"))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanokor import shards
-from nanokor.corpus import SAMPLE_DIR, DataError
+from nanokor.corpus import HF_DATASET, HF_DATASET_SUBSETS, SAMPLE_DIR, DataError
 from nanokor.loader import TrainLoader
 from nanokor.shards import DataDir, read_shard
 from nanokor.tokenizer import Tokenizer
@@ -126,6 +126,7 @@ def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path)
     (["--dataset", "sample", "--tokenizer", "missing.model"], "--tokenizer"),
     (["--dataset", "sample", "--tokenizer", "README.md"], "SentencePiece"),
     (["--dataset", "sample", "--val-fraction", "1.5"], "--val-fraction"),
+    (["--dataset", "no-such-dir"], "neither 'sample'"),
 ])
 def test_bad_input_is_one_clear_paragraph(args, words, tmp_path):
     proc = cli(*args, "--out", tmp_path / "out")
@@ -186,3 +187,86 @@ def test_shard_size_must_be_positive(tmp_path):
     proc = cli("--dataset", "sample", "--shard-tokens", "0", "--out", tmp_path / "out")
     assert proc.returncode == 2 and "positive whole number" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+HUB_README = """---
+configs:
+- config_name: textbooks
+  data_files:
+  - split: train
+    path: data/textbooks/train-*
+- config_name: wiki
+  data_files:
+  - split: train
+    path: data/wiki/train-*
+  - split: validation
+    path: data/wiki/validation-*
+---
+# A dataset laid out as on the Hugging Face Hub
+"""
+
+
+def _hub_layout(root: Path) -> dict[str, list[str]]:
+    """A dataset directory as `huggingface-cli download` leaves one: parquet files per config and split,
+    and a README whose YAML `configs:` names them. Returns each config/split's documents."""
+    docs = {"textbooks/train": [f"교과서 {i}장: 광합성은 빛 에너지를 화학 에너지로 바꾼다. ({i})" for i in range(30)],
+            "wiki/train": [f"위키 문서 {i}: 서울은 대한민국의 수도이다. 인구 {i * 1000}명." for i in range(20)],
+            "wiki/validation": [f"위키 검증 문서 {i}: 부산은 항구 도시이다." for i in range(5)]}
+    for key, texts in docs.items():
+        config, split = key.split("/")
+        (root / "data" / config).mkdir(parents=True, exist_ok=True)
+        halves = [texts[:len(texts) // 2], texts[len(texts) // 2:]] if split == "train" else [texts]
+        for i, half in enumerate(halves):
+            table = pa.table({"text": half, "id": list(range(len(half)))})
+            pq.write_table(table, root / "data" / config / f"{split}-{i:05d}-of-{len(halves):05d}.parquet")
+    (root / "README.md").write_text(HUB_README, encoding="utf-8")
+    return docs
+
+
+def test_a_dataset_directory_laid_out_like_a_hub_repo_streams_through_datasets(sample_data_dir, tmp_path):
+    docs = _hub_layout(tmp_path / "ko_hub")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "따로 떼어 둔 검증 문서입니다."}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    proc = cli("--dataset", tmp_path / "ko_hub", "--subset", "textbooks,wiki", "--val-files", held, "--out", out,
+               "--tokenizer", sample_data_dir / "tokenizer.model", "--num-proc", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"reading {tmp_path / 'ko_hub'} from a local dataset directory, streamed: 2 config(s) in turn " \
+           "(textbooks, wiki), split 'train', column 'text'" in proc.stdout
+    assert Counter(decoded_documents(out, "train")) == Counter(docs["textbooks/train"] + docs["wiki/train"])
+    assert decoded_documents(out, "val") == ["따로 떼어 둔 검증 문서입니다."]
+    meta = DataDir(out).meta
+    assert meta["corpus"] == {"source": "dir", "dataset": str((tmp_path / "ko_hub").resolve()),
+                              "subsets": ["textbooks", "wiki"], "split": "train", "text_column": "text",
+                              "max_docs": None, "max_bytes": None}
+    assert meta["val_files"] == [str(held)]
+
+
+def test_a_dataset_directory_by_default_reads_every_config_in_turn_and_any_split(sample_data_dir, tmp_path, capsys):
+    docs = _hub_layout(tmp_path / "ko_hub")
+    common = ["--dataset", str(tmp_path / "ko_hub"), "--tokenizer", str(sample_data_dir / "tokenizer.model"),
+              "--val-fraction", "0", "--num-proc", "1"]
+    assert prepare.main([*common, "--max-docs", "4", "--out", str(tmp_path / "a")]) == 0
+    assert decoded_documents(tmp_path / "a", "train") == [docs["textbooks/train"][0], docs["wiki/train"][0],
+                                                          docs["textbooks/train"][1], docs["wiki/train"][1]]
+    assert DataDir(tmp_path / "a").meta["corpus"]["subsets"] == ["textbooks", "wiki"]
+    assert prepare.main([*common, "--subset", "wiki", "--split", "validation", "--out", str(tmp_path / "b")]) == 0
+    assert decoded_documents(tmp_path / "b", "train") == docs["wiki/validation"]
+    capsys.readouterr()
+    # A column that is not text, and a split the dataset lacks: one paragraph each, naming the fix.
+    for args, words in [(["--text-column", "id"], "column 'id' holds int, not text. Pick a text column with "
+                                                  "--text-column (string columns here: text)"),
+                        (["--split", "test"], "Bad split: test")]:
+        assert prepare.main([*common, *args, "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "c").exists()
+
+
+def test_reading_korean_textbooks_mmlu_copies_is_warned_about(capsys):
+    prepare.warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": ["tiny-textbooks", "mmlu_all", "mmlu_anatomy"]})
+    err = capsys.readouterr().err
+    assert err.startswith("warning: 2 of the configs") and "KMMLU" in err and "default --subset" in err
+    prepare.warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": list(HF_DATASET_SUBSETS)})  # the default
+    prepare.warn_duplicate_subsets({"dataset": "/data/other", "subsets": ["mmlu_all"]})  # another dataset's own
+    assert capsys.readouterr().err == ""
