@@ -124,7 +124,8 @@ class DeepSpeedEngine:
         if cfg.optimizer != "adamw":
             raise ConfigError(f"optimizer={cfg.optimizer!r} runs on the PyTorch engine (one process or DDP under "
                               "torchrun); the DeepSpeed path trains with the AdamW its JSON config declares. Drop "
-                              "--deepspeed, or pass --optimizer=adamw with it.")
+                              "--deepspeed, or pass --optimizer=adamw with it (and AdamW's rates: config/guide.py's "
+                              "lr_factor=1.0 and embed_lr=0 are the classic ones).")
         self.env, self.dtype = env, resolve_dtype(cfg.dtype, env.device)
         ds_config = deepspeed_config(cfg, self.dtype)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)

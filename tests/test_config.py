@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,18 +86,32 @@ def test_cli_reports_unknown_key_without_a_traceback():
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("path", ["config/tiny.py", "config/base.py"])
+@pytest.mark.parametrize("path", ["config/tiny.py", "config/base.py", "config/guide.py"])
 def test_shipped_configs_load(path):
     cfg = load_config([str(REPO / path)])
     assert cfg.max_steps > 0
 
 
-def test_base_config_is_the_issue_run():
-    cfg = load_config([str(REPO / "config/base.py")])
+def test_guide_config_is_the_original_recipe():
+    cfg = load_config([str(REPO / "config/guide.py")])
     assert (cfg.d_model, cfg.d_ff, cfg.n_head, cfg.n_layer) == (768, 3072, 12, 12)
     assert (cfg.dropout, cfg.block_size) == (0.1, 1024)
-    assert (cfg.schedule, cfg.warmup_steps, cfg.lr_factor, cfg.label_smoothing) == ("noam", 4000, 1.0, 0.1)
+    assert (cfg.optimizer, cfg.schedule, cfg.warmup_steps, cfg.lr_factor, cfg.label_smoothing) == ("adamw", "noam", 4000, 1.0, 0.1)
+    assert (cfg.cooldown_frac, cfg.embed_lr) == (0.0, 0.0)  # Noam never anneals; one rate for every parameter
     assert (cfg.dtype, cfg.grad_clip, cfg.keep_best) == ("bf16", 1.0, 3)
+
+
+def test_base_config_is_the_guides_model_with_the_measured_recipe():
+    base, guide = load_config([str(REPO / "config/base.py")]), load_config([str(REPO / "config/guide.py")])
+    assert model_config(base, 32000) == replace(model_config(guide, 32000), dropout=0.0)
+    assert (base.optimizer, base.schedule, base.cooldown_frac, base.dropout, base.label_smoothing) == ("muon", "noam", 0.4, 0.0, 0.0)
+    assert base.batch_size * base.block_size * base.grad_accum == guide.batch_size * guide.block_size * guide.grad_accum
+
+
+def test_cooldown_frac_named_with_another_schedule_is_refused():
+    with pytest.raises(ConfigError, match="cooldown_frac is Noam's cooldown"):
+        load_config(["--schedule=cosine", "--cooldown_frac=0.3"])
+    assert load_config(["--schedule=cosine"]).schedule == "cosine"  # the default cooldown stays Noam's
 
 
 def test_every_model_field_is_a_config_key_with_the_models_default():

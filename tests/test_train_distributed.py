@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanokor.checkpoint import build_model, load_checkpoint
 from test_train import TINY, max_diff, run, train_records
@@ -53,7 +54,8 @@ def val_losses(out_dir) -> list[float]:
 
 
 def test_deepspeed_zero2_cpu_offload_saves_resumes_and_matches_plain_adamw(sample_data_dir, tmp_path):
-    ds = ["--deepspeed=config/ds_zero2.json", "--batch_size=2", "--grad_accum=2", "--eval_interval=2"]
+    ds = ["--deepspeed=config/ds_zero2.json", "--optimizer=adamw", "--cooldown_frac=0", "--batch_size=2", "--grad_accum=2",
+          "--eval_interval=2"]
     torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=2", *ds)
     engine_dir = tmp_path / "ds" / "deepspeed"
     assert (engine_dir / "latest").read_text().strip() == "step_0000002"
@@ -64,7 +66,8 @@ def test_deepspeed_zero2_cpu_offload_saves_resumes_and_matches_plain_adamw(sampl
         torchrun(sample_data_dir, tmp_path / "ds", "--max_steps=6", "--init_from=resume", "--d_model=64", *ds)
 
     # The reference: plain PyTorch AdamW, one process, the same global batch, four uninterrupted steps.
-    run(sample_data_dir, tmp_path / "ref", "--batch_size=4", "--grad_accum=2", "--eval_interval=2", "--max_steps=4")
+    run(sample_data_dir, tmp_path / "ref", "--optimizer=adamw", "--cooldown_frac=0", "--batch_size=4", "--grad_accum=2",
+        "--eval_interval=2", "--max_steps=4")
     ds_ckpt = load_checkpoint(tmp_path / "ds" / "last.pt")
     assert ds_ckpt["step"] == 4 and ds_ckpt["optimizer"] is None  # the optimizer lives in the engine checkpoint
     assert max_diff(ds_ckpt["model"], load_checkpoint(tmp_path / "ref" / "last.pt")["model"]) <= 1e-4
@@ -74,7 +77,8 @@ def test_deepspeed_zero2_cpu_offload_saves_resumes_and_matches_plain_adamw(sampl
 
 
 def test_deepspeed_zero3_trains_saves_resumes_and_matches_zero2(sample_data_dir, tmp_path):
-    ds = ["--batch_size=2", "--grad_accum=2", "--eval_interval=2"]
+    # Both halves of a split run stop at their own max_steps, so Noam runs without a cooldown.
+    ds = ["--optimizer=adamw", "--cooldown_frac=0", "--batch_size=2", "--grad_accum=2", "--eval_interval=2"]
     torchrun(sample_data_dir, tmp_path / "z3", "--max_steps=2", "--deepspeed=config/ds_zero3.json", *ds)
     proc = torchrun(sample_data_dir, tmp_path / "z3", "--max_steps=4", "--init_from=resume",
                     "--deepspeed=config/ds_zero3.json", *ds)
@@ -87,3 +91,16 @@ def test_deepspeed_zero3_trains_saves_resumes_and_matches_zero2(sample_data_dir,
     assert z3["step"] == 4 and max_diff(z3["model"], z2["model"]) <= 1e-4
     got, want = train_records(tmp_path / "z3"), train_records(tmp_path / "z2")
     assert [got[s]["loss"] for s in range(1, 5)] == pytest.approx([want[s]["loss"] for s in range(1, 5)], abs=1e-5)
+
+
+def test_deepspeed_refuses_muon_by_naming_the_fix():
+    """The default optimizer is Muon, which the DeepSpeed path does not run: refused before any setup."""
+    from nanokor.config import ConfigError, load_config, model_config
+    from nanokor.distributed import Env
+    from nanokor.engine import build_engine
+    from nanokor.model import Transformer
+
+    cfg = load_config(["--deepspeed=config/ds_zero2.json", "--d_model=32", "--n_head=2", "--n_layer=1", "--d_ff=64"])
+    with pytest.raises(ConfigError, match="pass --optimizer=adamw"):
+        build_engine(Transformer(model_config(cfg, vocab_size=64)), cfg,
+                     Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
