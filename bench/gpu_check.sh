@@ -5,8 +5,9 @@
 #   STEPS=100 bash bench/gpu_check.sh # shorter
 #   EXTRA="--batch_size=8" bash bench/gpu_check.sh   # extra train.py flags, applied last to every run
 #
-# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step) three ways:
-# SDPA + torch.compile, flash-attn + torch.compile (only if flash_attn imports), and SDPA eager; then
+# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step, Muon) four ways:
+# SDPA + torch.compile, the same with AdamW alone (what Muon costs), flash-attn + torch.compile (only if
+# flash_attn imports), and SDPA eager; then
 # prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
 # on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager and
 # compiled against transformers' generate, bf16), unless SAMPLE=0.
@@ -64,7 +65,7 @@ run() {  # name, then train.py flags
 }
 
 run sdpa-compile --attention=sdpa --compile=true
-run muon-compile --attention=sdpa --compile=true --optimizer=muon --schedule=wsd --lr=3e-3 --min_lr=0
+run adamw-compile --attention=sdpa --compile=true --optimizer=adamw --lr_factor=1.0 --embed_lr=0  # base.py is Muon: its cost
 if python -c "import flash_attn" 2>/dev/null; then
     run flash-compile --attention=flash --compile=true
 else
@@ -103,7 +104,7 @@ print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})
 EOF
 
 if [ "${PROFILE:-1}" = 1 ]; then  # the base shape, 32k vocabulary: the step's breakdown, fused vs plain loss
-    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer muon" "--compile --dropout 0"; do
+    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer adamw" "--compile --dropout 0.1"; do
         name="profile$(echo $flags | tr -d ' -')"
         echo "== bench/step_profile.py $flags"
         PYTHONPATH=. timeout 240 python bench/step_profile.py $flags --out "$LOG/$name.json" > "$LOG/$name.log" 2>&1 \

@@ -1,14 +1,14 @@
 """Where a training step's time goes: matmuls, attention, the optimizer, and everything else.
 
-Runs forward + backward + AdamW on random tokens (bf16 autocast on CUDA, fp32 on CPU unless --dtype),
-times plain steps for the throughput and MFU, then profiles a few more and sorts every kernel's own
+Runs forward + backward + the optimizer (Muon + AdamW, as config/base.py; or --optimizer adamw) on random
+tokens (bf16 autocast on CUDA, fp32 on CPU unless --dtype), times plain steps for the throughput and MFU, then profiles a few more and sorts every kernel's own
 time into categories. On CUDA it also reports how busy the GPU was (kernel time / wall time), and how
 fast the matmul kernels alone ran (6N FLOPs over their time), which separates "the GEMMs are slow"
 from "everything around them is". The default shape is config/base.py's, with a 32k vocabulary.
 
     python bench/step_profile.py --compile                   # on a GPU: the base model, compiled
-    python bench/step_profile.py --d-model 384 --n-layer 6 --n-head 6 --d-ff 1024 --vocab-size 8192 \\
-        --seq-len 256 --batch-size 8 --dropout 0                # on a CPU: model_speed.py's shape
+    python bench/step_profile.py --d-model 256 --n-layer 6 --n-head 4 --d-ff 688 --vocab-size 8192 \\
+        --seq-len 256 --batch-size 16 --optimizer adamw        # on a CPU: model_speed.py's shape
 """
 
 import argparse
@@ -41,11 +41,11 @@ def parse_args():
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--d-ff", type=int, default=3072)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.0, help="config/base.py trains without")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--optimizer", default="muon", choices=["adamw", "muon"], help="config/base.py's is muon")
     p.add_argument("--plain-loss", action="store_true",
                    help="the unfused LM head + cross-entropy (full logits), to measure what the fused one saves")
     p.add_argument("--device", default="auto")
