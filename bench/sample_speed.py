@@ -2,10 +2,12 @@
 
 Both sides get the same weights (nanokor's export, loaded back with AutoModelForCausalLM), the same
 Korean prompt, the same number of new tokens and the same sampling (temperature 0.8, top-k 50; EOS
-ignored so every run makes exactly that many tokens). nanokor runs eager and under torch.compile
-(dynamic shapes, as `sample.py --compile`; compilation happens in the warm-up and is reported
-apart). Runs are interleaved so machine noise hits all equally, and the fastest round is reported
-(on a shared machine noise only adds time). Also measured: time to first token (prefill of a
+ignored so every run makes exactly that many tokens). nanokor runs eager, compiled over a static KV
+cache (`Decoder(model, "compile")`, as `sample.py --compile`; compilation happens in the warm-up and is
+reported apart) and, on CUDA, as a replayed CUDA graph (`sample.py --cuda-graph`). Before timing, every
+nanokor path must produce eager's greedy tokens. Runs are interleaved so machine noise hits all
+equally, and the fastest round is reported (on a shared machine noise only adds time); the slowest
+round's ratio is reported too, as the noise. Also measured: time to first token (prefill of a
 512-token prompt plus one sampled token) at batch 1.
 
     python bench/sample_speed.py                       # a 6-layer, d=384 model on the sample tokenizer
@@ -24,7 +26,7 @@ from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.corpus import SAMPLE_DIR, normalize, open_corpus
 from nanokor.export import export
 from nanokor.device import DTYPES, resolve_device, resolve_dtype
-from nanokor.generate import generate
+from nanokor.generate import Decoder, generate
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import train_tokenizer
 
@@ -111,8 +113,10 @@ def main():
     generator = torch.Generator(device).manual_seed(0)
     torch.manual_seed(0)
     impls = {"nanokor": (ours, nanokor_decode), "transformers": (hf, hf_decode)}
+    if device.type == "cuda":  # as `sample.py --cuda-graph` does
+        impls["nanokor+cudagraph"] = (Decoder(ours, "graph"), nanokor_decode)
     if not args.no_compile:  # as `sample.py --compile` does
-        impls["nanokor+compile"] = (torch.compile(ours, dynamic=True), nanokor_decode)
+        impls["nanokor+compile"] = (Decoder(ours, "compile"), nanokor_decode)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompt = torch.tensor([korean_prompt(tokenizer, args.prompt_tokens)], device=device)
     long_prompt = torch.tensor([korean_prompt(tokenizer, args.ttft_prompt_tokens)], device=device)
@@ -127,6 +131,13 @@ def main():
                 decode(model, prompt.expand(b, -1), 4, generator)
             decode(model, long_prompt, 1, generator)
             warmup[name] = time.perf_counter() - t0
+        greedy = {name: torch.stack(list(generate(model, prompt, 64, temperature=0)), 1)
+                  for name, (model, _) in impls.items() if name.startswith("nanokor")}
+        # How many greedy tokens each path shares with eager before the first difference: all 64 in fp32;
+        # in bf16 a near-tie may flip late, while a wrong cache or mask diverges at once.
+        agree = {name: int((out != greedy["nanokor"]).int().cumsum(1).eq(0).sum()) for name, out in greedy.items()}
+        if min(agree.values()) < 16:
+            raise SystemExit(f"greedy tokens shared with eager nanokor (of 64): {agree}; a fast path is wrong")
         for _ in range(args.rounds):
             for b in batch_sizes:
                 for name, (model, decode) in impls.items():
@@ -138,11 +149,12 @@ def main():
 
     rows = []
     for b in batch_sizes:
-        ref = min(times[(b, "transformers")])
+        ref, ref_worst = min(times[(b, "transformers")]), max(times[(b, "transformers")])
         for name in impls:
             sec = min(times[(b, name)])
             rows.append({"batch": b, "impl": name, "seconds": sec, "ms_per_step": sec / args.new_tokens * 1e3,
-                         "tokens_per_s": b * args.new_tokens / sec, "speedup_vs_transformers": ref / sec})
+                         "tokens_per_s": b * args.new_tokens / sec, "speedup_vs_transformers": ref / sec,
+                         "slowest_round_speedup": ref_worst / max(times[(b, name)])})
     ttft_ms = {name: min(v) * 1e3 for name, v in ttft.items()}
 
     c = ours.config
@@ -151,20 +163,23 @@ def main():
           f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"decode: prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, sampling {SAMPLING}, "
           f"best of {args.rounds} interleaved rounds")
-    header = f"{'batch':>5} {'impl':<16} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9} {'speedup':>8}"
+    header = (f"{'batch':>5} {'impl':<18} {'seconds':>8} {'ms/step':>8} {'tokens/s':>9} {'speedup':>8} "
+              f"{'slowest':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['batch']:>5} {r['impl']:<16} {r['seconds']:>8.3f} {r['ms_per_step']:>8.2f} "
-              f"{r['tokens_per_s']:>9.1f} {r['speedup_vs_transformers']:>7.2f}x")
+        print(f"{r['batch']:>5} {r['impl']:<18} {r['seconds']:>8.3f} {r['ms_per_step']:>8.2f} "
+              f"{r['tokens_per_s']:>9.1f} {r['speedup_vs_transformers']:>7.2f}x {r['slowest_round_speedup']:>7.2f}x")
     print(f"time to first token, {args.ttft_prompt_tokens}-token prompt, batch 1: " +
           ", ".join(f"{name} {ms:.1f} ms" for name, ms in ttft_ms.items()))
+    print(f"greedy tokens shared with eager nanokor before the first difference (of 64): {agree}")
     print("warm-up (compilation included): " + ", ".join(f"{name} {sec:.1f} s" for name, sec in warmup.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "device": device.type, "dtype": str(dtype),
                                "torch": torch.__version__, "transformers": transformers.__version__,
-                               "decode": rows, "ttft_ms": ttft_ms, "warmup_s": warmup}, indent=2))
+                               "decode": rows, "ttft_ms": ttft_ms, "warmup_s": warmup,
+                               "greedy_agreement": agree}, indent=2))
     print(f"wrote {out}")
 
 

@@ -149,22 +149,40 @@ class KVCache:
     forward. New entries are written with index_copy_ at explicit positions: under torch.compile that
     stays an in-place write of the new rows, where a slice assignment made the compiled step copy the
     whole cache, so each token cost time in proportion to max_len.
+
+    static=True fixes every shape of a one-token step, so one compiled graph (and one CUDA graph) serves
+    every step: `pos` is a tensor on the device, the step's attention reads the whole buffer through a
+    mask of the positions filled so far, and the buffers keep their addresses (marked so for
+    torch.compile's CUDA graphs). Longer chunks (the prefill, always eager) and eager decoding read the
+    filled prefix alone, with plain causal attention when the cache was empty.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, static: bool = False):
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
-        self.pos = 0
+        self.static = static
+        self.pos = torch.zeros((), dtype=torch.long, device=device) if static else 0
+        if static:
+            for t in (*self.k, *self.v, self.pos):
+                torch._dynamo.mark_static_address(t)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, n_kv_head, T, D) keys/values at `pos`; return everything cached so far."""
-        end = self.pos + k.size(2)
-        positions = torch.arange(self.pos, end, device=k.device)
+    def positions(self, T: int, device) -> torch.Tensor:
+        """Positions (T,) of the next T tokens."""
+        return torch.arange(T, device=device) + self.pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write (B, n_kv_head, T, D) keys/values at `pos`; return the keys and values attention reads and
+        its mask (T, keys), True where allowed, or None where the new tokens are the last T of those keys
+        (causal attention aligned bottom-right)."""
+        positions = self.positions(k.size(2), k.device)
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if self.static and k.size(2) == 1:  # the compiled or captured step: every shape fixed
+            return self.k[layer], self.v[layer], torch.arange(self.max_len, device=k.device) <= positions[:, None]
+        end = int(self.pos) + k.size(2)  # eager, e.g. a prefill: reading pos costs one sync per forward
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -173,10 +191,13 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     return torch.arange(kv_len, device=device)[None, :] <= q_pos
 
 
-def math_attention(q, k, v, dropout_p: float = 0.0):
-    """The readable reference: softmax(q k^T / sqrt(d) + causal mask) v. Returns output and weights."""
+def math_attention(q, k, v, dropout_p: float = 0.0, mask: torch.Tensor | None = None):
+    """The readable reference: softmax(q k^T / sqrt(d) + mask) v, causal unless a mask is given.
+    Returns output and weights."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-    scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    if mask is None:
+        mask = causal_mask(q.size(-2), k.size(-2), q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return F.dropout(weights, dropout_p) @ v, weights
 
@@ -206,22 +227,24 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, T, -1)), None
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        mask = None
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
+            k, v, mask = kv_cache.update(layer, k, v)
         weights = None
         if self.backend == "math" or need_weights:
-            y, weights = math_attention(q, self._repeat_kv(k), self._repeat_kv(v), dropout_p)
+            y, weights = math_attention(q, self._repeat_kv(k), self._repeat_kv(v), dropout_p, mask)
         else:
-            y = self._sdpa(q, k, v, dropout_p)
+            y = self._sdpa(q, k, v, dropout_p, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), weights
 
-    def _sdpa(self, q, k, v, dropout_p):
+    def _sdpa(self, q, k, v, dropout_p, mask):
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # SDPA shares k/v heads itself
-        if q.size(2) == k.size(2):
+        if mask is None and q.size(2) == k.size(2):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **gqa)
-        # Decoding against a cache: SDPA's is_causal aligns top-left, so pass the mask (one new token
-        # may see everything cached and needs none).
-        mask = None if q.size(2) == 1 else causal_mask(q.size(2), k.size(2), q.device)
+        # Against a cache: SDPA's is_causal aligns top-left, so pass the mask (one new token may see
+        # everything cached and needs none).
+        if mask is None and q.size(2) > 1:
+            mask = causal_mask(q.size(2), k.size(2), q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
 
     def _use_flash(self, q, kv_cache, need_weights) -> bool:
@@ -389,16 +412,19 @@ class Transformer(nn.Module):
 
     def _hidden_states(self, idx, kv_cache=None, attention_maps: list | None = None):
         T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"Sequence of {start + T} tokens exceeds the model's max_seq_len "
-                             f"({self.config.max_seq_len}); shorten the input or the generation length.")
+        if kv_cache is None or not kv_cache.static:  # a static cache's length, checked when made, bounds it
+            start = kv_cache.pos if kv_cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"Sequence of {start + T} tokens exceeds the model's max_seq_len "
+                                 f"({self.config.max_seq_len}); shorten the input or the generation length.")
+        # Rows of the position tables: a slice, or an index where the cache says where the tokens go.
+        rows = slice(0, T) if kv_cache is None else kv_cache.positions(T, idx.device)
         x = self.embed_tokens(idx)
         cos = sin = None
         if self.config.position == "rope":
-            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]
+            cos, sin = self.rope_cos[rows, None], self.rope_sin[rows, None]
         else:
-            x = x + self.abs_pos[start:start + T].to(x.dtype)
+            x = x + self.abs_pos[rows].to(x.dtype)
         x = self.dropout(x)
         need_weights = attention_maps is not None
         for i, block in enumerate(self.layers):
@@ -419,9 +445,13 @@ class Transformer(nn.Module):
         self._hidden_states(idx, attention_maps=maps)
         return maps
 
-    def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, static: bool = False) -> KVCache:
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"A KV cache of {max_len} positions exceeds the model's max_seq_len "
+                             f"({self.config.max_seq_len}); make it at most that long.")
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, dtype or p.dtype, static)
 
     # ---- accounting -------------------------------------------------------------------------
 

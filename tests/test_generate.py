@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from nanokor.generate import (PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt, generate,
-                              sample_next)
+from nanokor.generate import (Decoder, PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt,
+                              generate, sample_next)
 
 from tiny_checkpoint import tiny_model
 
@@ -162,6 +162,54 @@ def test_generates_under_bf16_autocast_with_a_bf16_cache(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run(model, idx, 8, top_k=20, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 8)
+
+
+@pytest.fixture
+def compile_spy(monkeypatch):
+    """torch.compile replaced by a recorder that returns the function as it is: what runs is exactly the
+    code the real compile traces (fullgraph=True: nothing falls back to eager), for seconds, not a
+    compile per test. bench/sample_speed.py runs the real one and checks its tokens against eager's."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    return calls
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_static_decoder_equals_full_forwards_and_reuses_its_cache_across_prompts(attention, compile_spy):
+    model = tiny_model(VOCAB, attention=attention)
+    decoder = Decoder(model, "compile")
+    assert compile_spy == [{"dynamic": False, "fullgraph": True, "options": {"cpp_wrapper": True}}]
+    # The second prompt is shorter than what the first left in the cache: stale keys must stay masked.
+    for seed, length, steps in ((1, 13, 30), (2, 5, 24), (3, 60, 40)):
+        idx = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(run(decoder, idx, steps, temperature=0), reference_greedy(model, idx, steps))
+    assert len(decoder._caches) == len(decoder._steps) == 1  # one cache and one graph for all of them
+
+
+def test_static_decoder_samples_what_eager_samples_from_the_same_seed(model, compile_spy):
+    decoder = Decoder(model, "compile")
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    for kw in (dict(top_k=50), dict(top_p=0.9, repetition_penalty=1.3), dict(temperature=1.5)):
+        fast, eager = (run(m, idx, 30, generator=torch.Generator().manual_seed(7), **kw) for m in (decoder, model))
+        assert torch.equal(fast, eager), kw
+    assert len(decoder._caches) == 1 and len(decoder._steps) == 3  # a step per sampling setting, one cache
+
+
+def test_static_decoder_under_bf16_autocast_keeps_a_bf16_cache(model, compile_spy):
+    decoder, idx = Decoder(model, "compile"), torch.zeros(2, 6, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(decoder, idx, 8, top_k=20, generator=torch.Generator().manual_seed(0))
+        expected = run(model, idx, 8, top_k=20, generator=torch.Generator().manual_seed(0))
+    (cache,) = decoder._caches.values()
+    assert cache.k[0].dtype == torch.bfloat16 and out.shape == (2, 8)
+    assert (out == expected).float().mean() > 0.8  # bf16 rounding may flip a near-tie, not the sequence
+
+
+def test_decoder_refuses_cuda_graphs_off_cuda_and_unknown_modes(model):
+    with pytest.raises(ValueError, match="needs the model on a CUDA device; on a CPU use mode 'compile'"):
+        Decoder(model, "graph")
+    with pytest.raises(ValueError, match="choose one of"):
+        Decoder(model, "fast")
 
 
 def test_stream_decoder_never_emits_a_broken_syllable(tokenizer):

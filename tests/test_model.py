@@ -98,19 +98,29 @@ def test_rope_scores_depend_only_on_relative_offset():
     assert abs(score(10, 0) - score(10, 5)) > 1e-3  # a different offset gives a different score
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=1), dict(position="sinusoidal")])
-def test_kv_cache_decoding_reproduces_full_forward(overrides):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=1), dict(position="sinusoidal"), dict(attention="math")])
+def test_kv_cache_decoding_reproduces_full_forward(overrides, static):
     torch.manual_seed(0)
     model = Transformer(tiny(**overrides)).eval()
     idx = torch.randint(0, 301, (2, 30))
     with torch.no_grad():
         full = model(idx)[0]
-        cache = model.make_kv_cache(batch_size=2)
+        cache = model.make_kv_cache(batch_size=2, static=static)
+        if static:  # garbage where nothing was written yet: the mask must keep attention off it
+            for t in (*cache.k, *cache.v):
+                t.normal_(0, 100)
         steps = [model(idx[:, :12], kv_cache=cache)[0]]  # prefill
         steps.append(model(idx[:, 12:17], kv_cache=cache)[0])  # a chunk continuing the cache
         steps += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(17, 30)]  # one token a step
-    assert cache.pos == 30
+    assert int(cache.pos) == 30 and torch.is_tensor(cache.pos) == static
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_longer_than_the_context_is_refused():
+    model = Transformer(tiny(max_seq_len=16))
+    with pytest.raises(ValueError, match="at most that long"):
+        model.make_kv_cache(batch_size=1, max_len=17, static=True)
 
 
 def test_last_only_gives_the_last_positions_logits_and_refuses_targets():

@@ -62,20 +62,26 @@ def test_cli_verbatim_greedy_output_is_prompt_plus_the_generated_text(ckpt, toke
     assert proc.stdout == greedy_text(ckpt, tokenizer, PROMPT, 25) + "\n"
 
 
-def test_compile_flag_compiles_with_dynamic_shapes_and_keeps_the_output(ckpt, tokenizer, monkeypatch):
-    # Compiling for real costs ~30 s (the suite compiles once, in the training tests); here torch.compile
+def test_compile_flag_compiles_the_static_decoding_step_and_keeps_the_output(ckpt, tokenizer, monkeypatch):
+    # Compiling for real costs ~15 s (the suite compiles once, in the training tests); here torch.compile
     # is a spy, which shows the flag's wiring and that generation runs through what it returns.
     calls = []
 
-    def spy(model, **kwargs):
+    def spy(fn, **kwargs):
         calls.append(kwargs)
-        return model
+        return fn
 
     monkeypatch.setattr(torch, "compile", spy)
     code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--prompt", PROMPT, "--temperature", "0",
                              "--max-new-tokens", "12", "--compile")
-    assert code == 0 and calls == [{"dynamic": True}]
+    assert code == 0 and calls == [{"dynamic": False, "fullgraph": True, "options": {"cpp_wrapper": True}}]
     assert text == greedy_text(ckpt, tokenizer, PROMPT, 12) + "\n"
+
+
+def test_cuda_graph_flag_on_a_cpu_names_the_fix(ckpt):
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--device", "cpu", "--cuda-graph"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "--compile" in proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="needs a machine without flash-attn")
