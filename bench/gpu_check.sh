@@ -9,8 +9,9 @@
 # SDPA + torch.compile, the same with AdamW alone (what Muon costs), flash-attn + torch.compile (only if
 # flash_attn imports), and SDPA eager; then
 # prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
-# on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager and
-# compiled against transformers' generate, bf16), unless SAMPLE=0.
+# on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager, as a
+# replayed CUDA graph and compiled with CUDA graphs, against transformers' generate, bf16; it first checks
+# every path's greedy tokens against eager's), unless SAMPLE=0.
 #
 # Self-contained for a machine without network, wandb, datasets or deepspeed. Data: the embedded Korean
 # sample (`python prepare.py --dataset sample`), whose real tokens are tiled into larger shards so the
@@ -79,7 +80,7 @@ from pathlib import Path
 
 log = Path(sys.argv[1])
 rows = []
-for name in ("sdpa-compile", "muon-compile", "flash-compile", "sdpa-eager"):
+for name in ("sdpa-compile", "adamw-compile", "flash-compile", "sdpa-eager"):
     path = log / f"{name}.metrics.jsonl"
     if not path.is_file():
         continue

@@ -97,6 +97,32 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = x * rstd * w with rstd = (mean(x^2) + eps)^-1/2, for fp32 x, with a backward of few passes:
+
+        dw = sum_n rstd_n dy_n x_n          dx = rstd (dy w - x rstd^2 (dy x . w) / D)
+
+    Both sums over dy * x are matrix-vector products, so the backward reads the activations six times
+    and the forward three, where autograd's graph of F.rms_norm's pieces takes fourteen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_() / x.size(-1) + eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        d = x.size(-1)
+        dyx = (dy * x).view(-1, d)
+        grad_w = rstd.view(1, -1) @ dyx
+        coef = rstd.square() * (dyx @ weight).view(rstd.shape) / d
+        grad_x = (dy * weight).addcmul_(x, coef, value=-1).mul_(rstd)
+        return grad_x, grad_w.view(weight.shape), None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale; computed in fp32 like Llama for bf16 stability."""
 
@@ -106,8 +132,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the common fp32 path needs no casts
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the common fp32 path: no casts
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -121,14 +147,36 @@ def rope_cos_sin(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tenso
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for the halves x1, x2 of the last dim;
+    sign=-1 rotates by minus the angles. Written as one product and two in-place half updates, since
+    the tables repeat their frequencies (sin[..., :D/2] == sin[..., D/2:])."""
+    half = x.size(-1) // 2
+    out, s = x * cos, sin[..., :half]
+    out[..., :half].addcmul_(x[..., half:], s, value=-sign)
+    out[..., half:].addcmul_(x[..., :half], s, value=sign)
+    return out
+
+
+class Rotary(torch.autograd.Function):
+    """Rotary embedding with its own backward, the rotation by minus the angles: three passes over x
+    each way, where autograd's graph of chunk, neg, cat, two products and a sum takes six forward and
+    more backward, and keeps x for it (the tables are all this keeps)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, sin, sign=-1), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x of shape (B, T, H, D) by position; cos/sin are (T, 1, D)."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    return Rotary.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
@@ -306,11 +354,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 loss += norm.log().squeeze(1)  # log-sum-exp of the shifted logits
                 weight = (valid[start:start + chunk] / count)[:, None]
                 total += (loss.double() * valid[start:start + chunk]).sum() / count
-                z /= norm  # softmax
+                z *= weight / norm  # the softmax, already scaled by each row's weight in the mean
                 if smoothing:
-                    z -= smoothing / vocab
-                z.scatter_add_(1, tc, torch.full_like(tc, smoothing - 1, dtype=z.dtype))
-                z *= weight
+                    z -= weight * (smoothing / vocab)
+                z.scatter_add_(1, tc, weight * (smoothing - 1))
                 dz = z.to(x.dtype)
                 torch.mm(dz, w, out=grad_x[start:start + chunk])
                 if dz.dtype == torch.float32:

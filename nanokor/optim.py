@@ -108,13 +108,13 @@ def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
     """AdamW, or Muon + AdamW, over `param_groups`, with the config's hyperparameters."""
     peak = schedule_peak(cfg)
     groups = param_groups(model, cfg, peak)
-    device_is_cuda = next(model.parameters()).is_cuda
     optimizers = {}
     for name, group in groups.items():
         if name == "adamw":
-            # The fused CUDA kernel updates all parameters in one launch; on CPU the default foreach path wins.
+            # The fused kernel, on CUDA and CPU alike: on one CPU core at bench/model_speed.py's shape a step
+            # takes 14 ms against 52 for torch's default per-tensor loop there and 64 for foreach.
             optimizers[name] = torch.optim.AdamW(group, lr=peak, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                                 fused=device_is_cuda)
+                                                 fused=True)
         else:
             optimizers[name] = muon(group, cfg)
     return Optimizers(optimizers)

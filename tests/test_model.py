@@ -49,6 +49,50 @@ def test_logits_and_loss_match_transformers_llama(name):
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["mha-untied", "gqa-tied-odd-vocab"])
+def test_gradients_match_transformers_llama_in_fp32(name):
+    """The hand-written backwards (RMSNorm, rotary, the fused head + loss) against autograd through
+    transformers' own Llama: every parameter's gradient."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(max_seq_len=128, **PARITY_CONFIGS[name]))
+    hf = hf_twin(model)
+    idx = torch.randint(0, model.config.vocab_size, (2, 64))
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)
+    model(idx, targets, loss_only=True)[1].backward()
+    hf(input_ids=idx, labels=idx).loss.backward()
+    ours = dict(model.named_parameters())
+    for hf_name, p in hf.named_parameters():
+        grad = ours[hf_name.removeprefix("model.")].grad
+        assert (grad - p.grad).abs().max().item() <= 1e-4 * p.grad.abs().max().item(), hf_name
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (2, 9, 48)])
+def test_rmsnorm_backward_matches_float64_autograd_of_the_formula(shape):
+    from nanokor.model import RMSNormFunction
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(shape[-1], dtype=torch.float64) + 0.5).requires_grad_()
+    dy = torch.randn(*shape, dtype=torch.float64)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x, w), dy)
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y = RMSNormFunction.apply(xf, wf, 1e-5)
+    dx, dw = torch.autograd.grad(y, (xf, wf), dy.float())
+    for got, want in ((y, ref), (dx, ref_dx), (dw, ref_dw)):
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_rotary_backward_is_the_inverse_rotation_of_the_rotate_half_formula():
+    cos, sin = rope_cos_sin(16, 12, 10000.0)
+    cos, sin = cos[:, None].double(), sin[:, None].double()
+    x = torch.randn(3, 12, 2, 16, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    x1, x2 = x.chunk(2, dim=-1)
+    ref = x * cos + torch.cat((-x2, x1), dim=-1) * sin  # Llama's rotate_half form
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y, ref, atol=1e-12)
+    assert torch.allclose(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0], atol=1e-12)
+
+
 def test_sdpa_and_math_backends_agree_forward_and_backward():
     torch.manual_seed(0)
     sdpa = Transformer(tiny(attention="sdpa"))
