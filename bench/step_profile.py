@@ -28,6 +28,9 @@ from nanokor.config import load_config
 from nanokor.optim import build_optimizer
 
 CATEGORIES = (  # first match wins; names of CUDA kernels, Inductor kernels and aten ops, lower-cased
+    # Compiled graphs' own time is their fused elementwise kernels (their GEMMs are timed apart), and a
+    # loss wrapper's own time is its Python; either name may hold "bmm" or "linear" by accident.
+    ("other", re.compile(r"compiledfxgraph|cross_?entropy")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa")),
     ("matmul", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|\bmm\b|aten::mm|addmm|bmm|matmul|linear")),
     ("optimizer", re.compile(r"adam|foreach|multi_tensor|norm_kernel|clip")),

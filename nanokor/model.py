@@ -321,7 +321,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LinearCrossEntropy(torch.autograd.Function):
+@torch.library.custom_op("nanokor::linear_cross_entropy", mutates_args=())
+def _loss_and_gradients(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                        smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of x @ w^T against targets (ignore_index=-1, optional label smoothing), with
     the gradients for x and w computed in the same pass, one chunk of rows at a time.
 
@@ -331,41 +333,56 @@ class LinearCrossEntropy(torch.autograd.Function):
     (softmax - (1 - eps) onehot - eps / V) in place while they are still in cache, then consumed by
     the two gradient matmuls. A chunk holds about as many logits as x has elements, so memory stays at
     the size of the activations whatever the vocabulary.
+
+    A custom op, so torch.compile calls it as it is instead of tracing the loop: traced, each chunk's
+    in-place accumulation into grad_w became a fresh buffer plus a copy of all of grad_w (92 ms of a
+    2.1 s CPU step at bench/model_speed.py's shape), and compiling took longer.
     """
+    n, vocab = x.size(0), w.size(0)
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, n * x.size(1) // vocab))))
+    valid = targets >= 0
+    count = valid.sum().clamp(min=1)
+    grad_x, grad_w = torch.empty_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)  # the mean of many terms, exactly
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, n, chunk):
+            xc, tc = x[start:start + chunk], targets[start:start + chunk].clamp(min=0)[:, None]
+            z = (xc @ w.T).float()
+            z -= z.amax(-1, keepdim=True)  # logits shifted by their max: exp cannot overflow
+            loss = -z.gather(1, tc).squeeze(1)
+            if smoothing:
+                loss = (1 - smoothing) * loss - smoothing * z.mean(-1)
+            z.exp_()
+            norm = z.sum(-1, keepdim=True)
+            loss += norm.log().squeeze(1)  # log-sum-exp of the shifted logits
+            weight = (valid[start:start + chunk] / count)[:, None]
+            total += (loss.double() * valid[start:start + chunk]).sum() / count
+            z *= weight / norm  # the softmax, already scaled by each row's weight in the mean
+            if smoothing:
+                z -= weight * (smoothing / vocab)
+            z.scatter_add_(1, tc, weight * (smoothing - 1))
+            dz = z.to(x.dtype)
+            torch.mm(dz, w, out=grad_x[start:start + chunk])
+            if dz.dtype == torch.float32:
+                grad_w.addmm_(dz.T, xc)
+            else:  # bf16 products, summed in fp32 over the chunks
+                grad_w += (dz.T @ xc).float()
+    return total.float(), grad_x, grad_w.to(w.dtype)
+
+
+@_loss_and_gradients.register_fake
+def _(x, w, targets, smoothing):
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The loss of `_loss_and_gradients`, whose backward scales the gradients it computed already."""
 
     @staticmethod
     def forward(ctx, x, w, targets, smoothing: float):
-        n, vocab = x.size(0), w.size(0)
-        chunk = 1 << max(0, math.ceil(math.log2(max(1, n * x.size(1) // vocab))))
-        valid = targets >= 0
-        count = valid.sum().clamp(min=1)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        total = torch.zeros((), dtype=torch.float64, device=x.device)  # the mean of many terms, exactly
-        with torch.autocast(x.device.type, enabled=False):
-            for start in range(0, n, chunk):
-                xc, tc = x[start:start + chunk], targets[start:start + chunk].clamp(min=0)[:, None]
-                z = (xc @ w.T).float()
-                z -= z.amax(-1, keepdim=True)  # logits shifted by their max: exp cannot overflow
-                loss = -z.gather(1, tc).squeeze(1)
-                if smoothing:
-                    loss = (1 - smoothing) * loss - smoothing * z.mean(-1)
-                z.exp_()
-                norm = z.sum(-1, keepdim=True)
-                loss += norm.log().squeeze(1)  # log-sum-exp of the shifted logits
-                weight = (valid[start:start + chunk] / count)[:, None]
-                total += (loss.double() * valid[start:start + chunk]).sum() / count
-                z *= weight / norm  # the softmax, already scaled by each row's weight in the mean
-                if smoothing:
-                    z -= weight * (smoothing / vocab)
-                z.scatter_add_(1, tc, weight * (smoothing - 1))
-                dz = z.to(x.dtype)
-                torch.mm(dz, w, out=grad_x[start:start + chunk])
-                if dz.dtype == torch.float32:
-                    grad_w.addmm_(dz.T, xc)
-                else:  # bf16 products, summed in fp32 over the chunks
-                    grad_w += (dz.T @ xc).float()
-        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
-        return total.float()
+        loss, grad_x, grad_w = _loss_and_gradients(x, w, targets, smoothing)
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
