@@ -4,7 +4,8 @@
 The step is the hot loop of bench/sample_speed.py, so it stays free of host syncs unless an EOS id
 asks for an early stop, and the optional logit processors (repetition penalty, top-k, top-p) cost
 nothing when they are off. Processing order follows transformers: repetition penalty, temperature,
-top-k, top-p, then a draw.
+top-k, top-p, then a draw. A `Decoder` makes the step fast: eager, replayed as a CUDA graph, or
+compiled, each over a static KV cache it keeps between calls.
 
 `StreamDecoder` turns ids into text as they arrive. Byte-fallback pieces (`<0xEA>`) can split a
 Hangul syllable across tokens, so it feeds raw bytes through an incremental UTF-8 decoder that holds
@@ -201,11 +202,12 @@ class Decoder:
                 nonlocal first
                 if first:  # compiles: every guard is evaluated
                     first = False
-                    return self._compiled(token, cache, sampling, seen, race)
+                    return self._compiled(token, cache, sampling, seen, race).clone()
                 # Compiled already, for these shapes: only the guards that tell this step's graph from
-                # the other buckets' and samplings' are evaluated (~0.1 ms a token on a CPU).
+                # the other buckets' and samplings' are evaluated (~0.1 ms a token on a CPU). The clone:
+                # a CUDA graph rewrites its output on the next replay, and callers keep the tokens.
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(token, cache, sampling, seen, race)
+                    return self._compiled(token, cache, sampling, seen, race).clone()
             return compiled
         # Capture: a warm-up on a side stream (allocator, cuBLAS workspaces), then one recorded step over
         # fixed input buffers. The warm-up really runs and advances pos, so pos is put back; capture does
@@ -261,7 +263,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     model.eval()
     try:
         logits, step_fn = decoder.prefill(idx, max_new_tokens, sampling)
-        seen = torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(1, idx, True) if sampling.penalize else None
+        seen = None
+        if sampling.penalize:
+            seen = torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
         token = sampling.choose(logits, seen, sampling.race(shape, idx.device, generator))
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
         for step in range(max_new_tokens):
