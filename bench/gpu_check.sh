@@ -5,9 +5,9 @@
 #   STEPS=100 bash bench/gpu_check.sh # shorter
 #   EXTRA="--batch_size=8" bash bench/gpu_check.sh   # extra train.py flags, applied last to every run
 #
-# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step, Muon) four ways:
+# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step, Muon) five ways:
 # SDPA + torch.compile, the same with AdamW alone (what Muon costs), flash-attn + torch.compile (only if
-# flash_attn imports), and SDPA eager; then
+# flash_attn imports), 32 x 1024 x 2 micro-steps (the same tokens, larger micro-batches), and SDPA eager; then
 # prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
 # on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager, as a
 # replayed CUDA graph and compiled with CUDA graphs, against transformers' generate, bf16; it first checks
@@ -72,6 +72,8 @@ if python -c "import flash_attn" 2>/dev/null; then
 else
     echo "== flash-compile: skipped (flash_attn is not installed)"
 fi
+# The same tokens per step in micro-batches twice as large: does the H200's memory buy MFU?
+run b32-compile --attention=sdpa --compile=true --batch_size=32 --grad_accum=2
 run sdpa-eager --attention=sdpa --compile=false --max_steps="$(( STEPS / 2 ))" --eval_interval="$(( STEPS / 2 ))"
 
 python - "$LOG" <<'EOF'
@@ -80,7 +82,7 @@ from pathlib import Path
 
 log = Path(sys.argv[1])
 rows = []
-for name in ("sdpa-compile", "adamw-compile", "flash-compile", "sdpa-eager"):
+for name in ("sdpa-compile", "adamw-compile", "flash-compile", "b32-compile", "sdpa-eager"):
     path = log / f"{name}.metrics.jsonl"
     if not path.is_file():
         continue
@@ -105,7 +107,7 @@ print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})
 EOF
 
 if [ "${PROFILE:-1}" = 1 ]; then  # the base shape, 32k vocabulary: the step's breakdown, fused vs plain loss
-    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer adamw" "--compile --dropout 0.1"; do
+    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer adamw"; do
         name="profile$(echo $flags | tr -d ' -')"
         echo "== bench/step_profile.py $flags"
         PYTHONPATH=. timeout 240 python bench/step_profile.py $flags --out "$LOG/$name.json" > "$LOG/$name.log" 2>&1 \
