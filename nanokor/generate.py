@@ -154,7 +154,8 @@ class Decoder:
       launch instead of a Python dispatch per op. No compilation: it pays from the first sample.
     - "compile": torch.compile of the step (on CUDA also captured as a CUDA graph: mode="reduce-overhead").
       The fastest path on a CPU; compiling costs ~15 s per bucket and sampling setting there.
-    The prefill stays eager in every mode: its length varies and it runs once.
+    The prefill stays eager in every mode: its length varies and it runs once. The graphs are made for
+    the model as it is: after moving it to another device or dtype, make a new Decoder.
     """
 
     def __init__(self, model, mode: str = "eager"):
