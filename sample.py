@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto = bfloat16 on GPUs that support it, else float32")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--compile", action="store_true",
-                     help="decode with a compiled step over a static KV cache: compiling costs ~15 s on a CPU, "
+                     help="decode with a compiled step over a static KV cache: compiling costs ~20 s on a CPU, "
                           "then each token at batch 1 is ~2x faster than eager; worth it for long or many samples")
     how.add_argument("--cuda-graph", action="store_true",
                      help="(CUDA) replay the eager step as a captured CUDA graph: no compilation, no per-op "

@@ -153,7 +153,7 @@ class Decoder:
     - "graph" (CUDA): the eager step captured once as a CUDA graph and replayed, so a token costs one
       launch instead of a Python dispatch per op. No compilation: it pays from the first sample.
     - "compile": torch.compile of the step (on CUDA also captured as a CUDA graph: mode="reduce-overhead").
-      The fastest path on a CPU; compiling costs ~15 s per bucket and sampling setting there.
+      The fastest path on a CPU; compiling costs ~15-20 s per bucket and sampling setting there.
     The prefill stays eager in every mode: its length varies and it runs once. The graphs are made for
     the model as it is: after moving it to another device or dtype, make a new Decoder.
     """

@@ -63,7 +63,7 @@ def test_cli_verbatim_greedy_output_is_prompt_plus_the_generated_text(ckpt, toke
 
 
 def test_compile_flag_compiles_the_static_decoding_step_and_keeps_the_output(ckpt, tokenizer, monkeypatch):
-    # Compiling for real costs ~15 s (the suite compiles once, in the training tests); here torch.compile
+    # Compiling for real costs ~20 s (the suite compiles once, in the training tests); here torch.compile
     # is a spy, which shows the flag's wiring and that generation runs through what it returns.
     calls = []
 
