@@ -116,6 +116,19 @@ if [ "${PROFILE:-1}" = 1 ]; then  # the base shape, 32k vocabulary: the step's b
     done
 fi
 
+if [ "${SAMPLE:-1}" = 1 ] && [ -f "$WORK/out-sdpa-compile/last.pt" ]; then
+    echo "== sample.py on the trained base checkpoint: --cuda-graph and --compile against eager, seeded"
+    for how in "" "--cuda-graph" "--compile"; do
+        timeout 240 python sample.py --ckpt "$WORK/out-sdpa-compile/last.pt" --prompt "대한민국의 역사는" \
+            --max-new-tokens 64 --top-k 50 --seed 7 $how > "$LOG/sample$how.txt" 2> "$LOG/sample$how.err" \
+            || echo "   sample.py $how failed (exit $?): $(tail -n 3 "$LOG/sample$how.err")"
+    done
+    for how in "--cuda-graph" "--compile"; do
+        if cmp -s "$LOG/sample.txt" "$LOG/sample$how.txt"; then echo "   $how: the same text as eager"
+        else echo "   $how: DIFFERS from eager (bf16 may flip a near-tie late; see $LOG/sample*.txt)"; fi
+    done
+fi
+
 if [ "${SAMPLE:-1}" = 1 ]; then
     echo "== generation: bench/sample_speed.py on this GPU"
     PYTHONPATH=. timeout 300 python bench/sample_speed.py --device cuda --out "$LOG/sample_speed.json" \
