@@ -83,13 +83,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, vocab). temperature 0 is argmax."""
-    sampling = Sampling(temperature, top_k, top_p)
-    return sampling.choose(logits, None, sampling.race(logits.shape, logits.device, generator))
-
-
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen from the logits, split so the choice itself has no random-number
@@ -112,6 +105,10 @@ class Sampling:
         batch, vocab = shape
         columns = self.top_k if self.top_k is not None and self.top_k < vocab else vocab
         return torch.empty(batch, columns, device=device).exponential_(generator=generator)
+
+    def draw(self, logits: torch.Tensor, seen: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+        """Next token ids (B,) from last-position logits (B, vocab), the noise drawn here."""
+        return self.choose(logits, seen, self.race(logits.shape, logits.device, generator))
 
     def choose(self, logits: torch.Tensor, seen: torch.Tensor | None, race: torch.Tensor | None) -> torch.Tensor:
         """Next token ids (B,): repetition penalty over `seen`, then temperature, top-k, top-p, a draw."""
@@ -267,7 +264,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
         seen = None
         if sampling.penalize:
             seen = torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
-        token = sampling.choose(logits, seen, sampling.race(shape, idx.device, generator))
+        token = sampling.draw(logits, seen, generator)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
         for step in range(max_new_tokens):
             if finished is not None:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from nanokor.generate import (Decoder, PromptError, StreamDecoder, apply_repetition_penalty, encode_prompt,
-                              generate, sample_next)
+from nanokor.generate import (Decoder, PromptError, Sampling, StreamDecoder, apply_repetition_penalty,
+                              encode_prompt, generate)
 
 from tiny_checkpoint import tiny_model
 
@@ -75,7 +75,7 @@ def test_greedy_with_repetition_penalty_matches_transformers_processor(model, pe
 
 def draws(logits, n=4000, **kw):
     g = torch.Generator().manual_seed(0)
-    return sample_next(logits.expand(n, -1), generator=g, **kw)
+    return Sampling(**kw).draw(logits.expand(n, -1), generator=g)
 
 
 def test_top_k_never_samples_outside_the_top_k():
@@ -119,7 +119,7 @@ def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
 
 def test_temperature_zero_is_argmax_and_ignores_filters():
     logits = torch.randn(8, 40, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(sample_next(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1))
+    assert torch.equal(Sampling(temperature=0, top_k=3, top_p=0.5).draw(logits), logits.argmax(-1))
 
 
 def test_seeded_generator_reproduces_and_different_seeds_differ(model):
