@@ -10,6 +10,7 @@ the text to stdout.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -140,3 +141,6 @@ if __name__ == "__main__":
         sys.exit(main())
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and keep exit's flush from failing too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -78,6 +78,15 @@ def test_compile_flag_compiles_the_static_decoding_step_and_keeps_the_output(ckp
     assert text == greedy_text(ckpt, tokenizer, PROMPT, 12) + "\n"
 
 
+def test_a_reader_that_stops_early_ends_sampling_without_a_traceback(ckpt):
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(ckpt), "--max-new-tokens", "100",
+                             "--num-samples", "20"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)  # as `| head -c 1` would: read a little, then go away
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in stderr, stderr
+
+
 def test_cuda_graph_flag_on_a_cpu_names_the_fix(ckpt):
     proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(ckpt), "--device", "cpu", "--cuda-graph"],
                           cwd=REPO, capture_output=True, text=True)
