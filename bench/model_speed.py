@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from nanokor.config import load_config
-from nanokor.export import hf_config, hf_state_dict
+from nanokor.export import hf_config
+from nanokor.export_spec import hf_state_dict
 from nanokor.model import ModelConfig, Transformer
 from nanokor.optim import build_optimizer
 

@@ -22,33 +22,10 @@ from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.device import DTYPES
 from nanokor.errors import ExportError, NanokorError
+from nanokor.export_spec import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, BPE, SAMPLING, check_position, \
+    hf_state_dict, sentencepiece_proto, training_summary
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-
-
-# sample.py's defaults, spelled out: llama.cpp (top-k 40, top-p 0.95, min-p 0.05) and Ollama fill in
-# their own where a key is missing, so "off" is written as the value that turns each one off.
-SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-def hf_state_dict(model: Transformer) -> dict:
-    """LlamaForCausalLM keys: everything but the LM head lives under `model.`. A tied head is omitted
-    (transformers re-ties it from `tie_word_embeddings`)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if not model.config.tie_embeddings:
-                out[name] = tensor
-        else:
-            out["model." + name] = tensor
-    return out
-
-
-def check_position(config: ModelConfig) -> None:
-    if config.position != "rope":
-        raise ValueError(f"Cannot export a model with position={config.position!r}: Llama has no absolute "
-                         "position embeddings, so transformers or llama.cpp would compute different logits. "
-                         "Only position='rope' models can be exported.")
 
 
 def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3) -> dict:
@@ -88,36 +65,10 @@ def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: 
 # before SentencePiece), spaces as "▁", the model's pieces and scores, byte fallback, and "\n" as
 # an added token, matched before everything else as SentencePiece matches user-defined symbols.
 
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types
-UNIGRAM, BPE = 1, 2  # and model types
-
-
-def sentencepiece_proto(model_bytes: bytes):
-    try:  # SentencePiece's own schema module; it needs protobuf (a nanokor dependency)
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError as e:
-        raise ExportError(f"Reading the tokenizer's settings needs protobuf ({e}); pip install protobuf.") from None
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_bytes)
-    norm, trainer = proto.normalizer_spec, proto.trainer_spec
-    problems = []
-    if trainer.model_type not in (UNIGRAM, BPE):
-        problems.append("the model type is neither BPE nor unigram")
-    if norm.name not in ("identity", "") or norm.precompiled_charsmap:
-        problems.append(f"it normalizes text itself ({norm.name!r})")
-    if norm.remove_extra_whitespaces or not norm.escape_whitespaces or trainer.treat_whitespace_as_suffix:
-        problems.append("its whitespace handling differs from nanokor's")
-    if problems:
-        raise ExportError("Cannot export this tokenizer to transformers exactly: " + "; ".join(problems) + ". "
-                          "Tokenizers trained by nanokor's prepare.py export; retrain with it.")
-    return proto
-
-
 def _bpe_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[list[str]]:
     """Every split of a BPE piece into two pieces, ranked by the whole piece's score: SentencePiece
     applies the adjacent pair whose concatenation scores highest, transformers the lowest-ranked merge."""
-    ids = {p: i for i, p in enumerate(pieces) if types[i] == _NORMAL}
+    ids = {p: i for i, p in enumerate(pieces) if types[i] == NORMAL}
     merges = []
     for piece, i in ids.items():
         for cut in range(1, len(piece)):
@@ -133,17 +84,17 @@ def hf_tokenizer_json(model_bytes: bytes) -> dict:
     pieces = [p.piece for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
     types = [p.type for p in proto.pieces]
-    unk = pieces[types.index(_UNKNOWN)]
+    unk = pieces[types.index(UNKNOWN)]
     if proto.trainer_spec.model_type == BPE:
         model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": _bpe_merges(pieces, scores, types)}
     else:
-        model = {"type": "Unigram", "unk_id": types.index(_UNKNOWN), "byte_fallback": True,
+        model = {"type": "Unigram", "unk_id": types.index(UNKNOWN), "byte_fallback": True,
                  "vocab": [[p, s] for p, s in zip(pieces, scores)]}
     added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": types[i] != _USER_DEFINED}
-             for i, p in enumerate(pieces) if types[i] in (_UNKNOWN, _CONTROL, _USER_DEFINED)]
+              "special": types[i] != USER_DEFINED}
+             for i, p in enumerate(pieces) if types[i] in (UNKNOWN, CONTROL, USER_DEFINED)]
     dummy_prefix = proto.normalizer_spec.add_dummy_prefix
     decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"}]
@@ -184,17 +135,6 @@ def hf_tokenizer_config(model_bytes: bytes, max_seq_len: int) -> dict:
 
 
 # ---- the model card ---------------------------------------------------------------------------
-
-NOT_RECORDED = "not recorded"
-
-
-def training_summary(ckpt: dict) -> dict:
-    """Training tokens and validation figures from a training checkpoint ("not recorded" otherwise)."""
-    tokens, val = ckpt.get("tokens_seen"), ckpt.get("val")
-    return {"training tokens": f"{tokens:,} ({ckpt['step']:,} steps)" if tokens else NOT_RECORDED,
-            "validation": f"{val['bpb']:.4f} bits per byte, loss {val['loss']:.4f} (step {val['step']:,})"
-            if val else NOT_RECORDED}
-
 
 def license_id(text: str) -> str:
     """An argparse type: a Hugging Face / SPDX-style licence identifier (it goes into YAML and GGUF)."""

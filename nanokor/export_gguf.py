@@ -19,8 +19,8 @@ from gguf import LlamaFileType as F
 
 from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model
-from nanokor.export import BPE, SAMPLING, ExportError, check_position, hf_state_dict, sentencepiece_proto, \
-    training_summary
+from nanokor.errors import ExportError
+from nanokor.export_spec import BPE, SAMPLING, check_position, hf_state_dict, sentencepiece_proto, training_summary
 from nanokor.model import Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 

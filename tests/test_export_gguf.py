@@ -17,7 +17,8 @@ import torch
 
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import open_corpus
-from nanokor.export import SAMPLING, main
+from nanokor.export import main
+from nanokor.export_spec import SAMPLING
 from nanokor.tokenizer import train_tokenizer
 
 from test_export import EDGE_CASES, KOREAN

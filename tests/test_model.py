@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from nanokor.export import hf_config, hf_state_dict
+from nanokor.export import hf_config
+from nanokor.export_spec import hf_state_dict
 from nanokor.device import estimate_mfu, peak_flops
 from nanokor.model import ModelConfig, Transformer, apply_rope, flash_attn_func, rope_cos_sin
 
