@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             out.write("\n" + "-" * 40 + "\n")
         out.write(text or "")
         tokens = generate(decoder, idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, eos_id=tokenizer.eos_id,
+                          repetition_penalty=args.repetition_penalty, stop_ids=tokenizer.eos_id,
                           generator=generator)
         for token in tokens:
             out.write(stream.push(token.item()))

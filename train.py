@@ -266,7 +266,7 @@ def korean_sample(engine, tokenizer, cfg, device) -> str:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with engine.autocast():
         ids = [int(t) for t in generate(engine.module, torch.tensor([prompt], device=device), n_new,
-                                        temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator)]
+                                        temperature=0.8, top_k=50, stop_ids=tokenizer.eos_id, generator=generator)]
     return cfg.sample_prompt + tokenizer.decode(ids)
 
 

@@ -43,6 +43,10 @@ class PromptError(NanokorError):
     """A prompt that cannot be generated from: unreadable, empty after tokenization, or too long."""
 
 
+class ChatError(NanokorError):
+    """A conversation that cannot be rendered, or a tokenizer without the chat tokens."""
+
+
 class PlotError(NanokorError):
     """Nothing to plot, or a plot that cannot be drawn from the given run."""
 

@@ -16,6 +16,7 @@ train.py's eval sample alike.
 """
 
 import codecs
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -239,14 +240,14 @@ class Decoder:
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-             eos_id: int | None = None, generator: torch.Generator | None = None):
+             stop_ids: int | Sequence[int] | None = None, generator: torch.Generator | None = None):
     """Yield max_new_tokens next-token tensors of shape (B,) continuing the prompt idx (B, T).
 
     `model` is a Transformer (decoded eagerly) or a `Decoder` (a compiled or CUDA-graph one, reused
     across calls). The prompt is prefilled into a KV cache in one forward; each later step feeds one token.
-    temperature 0 is greedy (top_k/top_p are then irrelevant). Rows that emit eos_id keep yielding
-    eos_id, and the generator stops early once every row has (one host sync per step, only when
-    eos_id is given). prompt + max_new_tokens must fit model.config.max_seq_len, else ValueError:
+    temperature 0 is greedy (top_k/top_p are then irrelevant). `stop_ids` ends a row: EOS for text, <|im_end|>
+    (and EOS) for a chat reply. A row that emitted one keeps yielding it, and the generator stops early
+    once every row has (one host sync per step, only when stop_ids are given). prompt + max_new_tokens must fit model.config.max_seq_len, else ValueError:
     nothing is clamped silently. `generator` (on the model's device) makes sampling reproducible, and
     every mode draws the same noise, so a seed gives the same text eager or compiled.
     The model runs in eval mode for the duration and gets its previous mode back afterwards.
@@ -265,12 +266,17 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
         if sampling.penalize:
             seen = torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
         token = sampling.draw(logits, seen, generator)
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_id is not None else None
+        finished = stops = None
+        if stop_ids is not None:
+            stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=idx.device)
+            finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        previous = token
         for step in range(max_new_tokens):
             if finished is not None:
-                token = token.masked_fill(finished, eos_id)
-                finished |= token == eos_id
+                token = torch.where(finished, previous, token)  # a finished row repeats its stop token
+                finished |= torch.isin(token, stops)
             yield token
+            previous = token
             if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
                 return
             if seen is not None:

@@ -10,7 +10,10 @@ Choices that matter for Korean and for exactness:
   - digits are split one per token, so numbers tokenize consistently;
   - "\n" is its own piece (training reads one line per sentence, so it would never be learned);
   - no dummy-prefix space, so the byte table sums to exactly the text's UTF-8 length;
-  - special ids are Llama's: unk=0, bos=1, eos=2, pad=3 (the Hugging Face export relies on it).
+  - special ids are Llama's: unk=0, bos=1, eos=2, pad=3 (the Hugging Face export relies on it), and
+    ChatML's <|im_start|> and <|im_end|> follow at 4 and 5 as *control* pieces: text can never
+    produce them, so a base model's vocabulary already holds what its chat model needs
+    (nanokor/chat_format.py lays turns out with them).
 """
 
 import hashlib
@@ -27,6 +30,8 @@ import sentencepiece as spm
 from nanokor.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn delimiters
+IM_START_ID, IM_END_ID = 4, 5
 MAX_VOCAB = 65_535  # token ids are stored as uint16
 DEFAULT_VOCAB = 32_000
 BYTES_PER_PIECE = 40  # automatic vocab: at most one piece per 40 bytes of training text (see auto_vocab_size)
@@ -63,6 +68,15 @@ class Tokenizer:
         return self.sp.vocab_size()
 
     bos_id, eos_id, pad_id, unk_id = BOS_ID, EOS_ID, PAD_ID, UNK_ID
+    im_start_id, im_end_id = IM_START_ID, IM_END_ID
+
+    @cached_property
+    def has_chat_tokens(self) -> bool:
+        """Whether ids 4 and 5 are ChatML's control pieces: true of every tokenizer prepare.py trains
+        since they were added, false of every one before (those need re-preparing to chat)."""
+        return self.vocab_size > IM_END_ID and all(
+            self.sp.id_to_piece(i) == piece and self.sp.is_control(i)
+            for i, piece in ((IM_START_ID, IM_START), (IM_END_ID, IM_END)))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of NFC(text), without bos/eos."""
@@ -138,7 +152,7 @@ def train_tokenizer(docs: list[str], *, vocab_size: int | None = None, model_typ
             model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
             split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            control_symbols=[IM_START, IM_END], unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             max_sentence_length=4 * MAX_LINE_CHARS, num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
         message = str(e).split("] ")[-1]  # drop SentencePiece's source location

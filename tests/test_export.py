@@ -93,7 +93,7 @@ def test_greedy_generation_gives_the_same_tokens_in_both(exported, tokenizer):
     model, hf = load_pair(*exported)
     prompt = [tokenizer.bos_id, *tokenizer.encode("조선의 역사는")]
     ours = torch.stack(list(generate(model, torch.tensor([prompt]), 40, temperature=0,
-                                     eos_id=tokenizer.eos_id)), dim=1)[0].tolist()
+                                     stop_ids=tokenizer.eos_id)), dim=1)[0].tolist()
     theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
     assert ours == theirs

@@ -132,12 +132,23 @@ def test_rows_that_hit_eos_keep_yielding_eos_and_generation_stops_when_all_have(
     idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
     free = run(model, idx, 30, temperature=0)
     eos = free[0, 3].item()  # row 0 emits it at step 3 (and maybe row 1 later, or never)
-    out = run(model, idx, 30, temperature=0, eos_id=eos)
+    out = run(model, idx, 30, temperature=0, stop_ids=eos)
     assert torch.equal(out[0, :4], free[0, :4]) and (out[0, 4:] == eos).all()
     hits = (free[1] == eos).nonzero()
     last_row1 = hits[0].item() if len(hits) else 29
     assert out.size(1) == max(3, last_row1) + 1  # stopped as soon as both rows had finished
     assert torch.equal(out[1, :last_row1 + 1], free[1, :last_row1 + 1])
+
+
+def test_each_row_stops_at_whichever_stop_id_it_emits_first(model):
+    idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    free = run(model, idx, 30, temperature=0)
+    stops = (free[0, 2].item(), free[1, 4].item())  # e.g. <|im_end|> and EOS for a chat reply
+    out = run(model, idx, 30, temperature=0, stop_ids=stops)
+    for row in range(2):
+        first = next(i for i, t in enumerate(free[row].tolist()) if t in stops)
+        assert torch.equal(out[row, :first + 1], free[row, :first + 1])
+        assert (out[row, first:] == free[row, first]).all()
 
 
 def test_prompt_plus_generation_beyond_max_seq_len_is_a_clear_error(model):

@@ -30,7 +30,7 @@ sample = load_sample_module()
 def greedy_text(ckpt, tokenizer, prompt, n, **kw):
     model = build_model(load_checkpoint(ckpt))
     idx = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(prompt)]])
-    ids = [t.item() for t in generate(model, idx, n, temperature=0, eos_id=tokenizer.eos_id, **kw)]
+    ids = [t.item() for t in generate(model, idx, n, temperature=0, stop_ids=tokenizer.eos_id, **kw)]
     return prompt + tokenizer.decode(ids)
 
 
