@@ -16,10 +16,11 @@ here, never produced by encoding text, so a user who types "<|im_end|>" writes t
 """
 
 from nanokor.errors import ChatError
-from nanokor.tokenizer import IM_END, IM_END_ID, IM_START, IM_START_ID
+from nanokor.tokenizer import EOS_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
 
 ROLES = ("system", "user", "assistant")
 TRAINED_ROLE = "assistant"  # the one role SFT learns to write
+REPLY_STOP_IDS = (IM_END_ID, EOS_ID)  # a reply ends at its <|im_end|>; EOS too, should a model emit one
 ROLE_END = "\n"  # a turn is IM_START role ROLE_END content IM_END TURN_END
 TURN_END = "\n"
 
