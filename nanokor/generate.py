@@ -17,6 +17,7 @@ train.py's eval sample alike.
 
 import codecs
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,18 @@ def _cache_dtype(device: torch.device):
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+def _autocast_uncached(device_type: str):
+    """The autocast in force, with its cache of low-precision weight copies off; a no-op without autocast.
+
+    For capturing a CUDA graph: autocast keeps each weight's cast copy until the outermost autocast
+    exits. A graph captured while that cache is on reads the cached copy instead of recording the
+    cast, so a replay after that autocast exited reads freed memory. Without the cache the casts are
+    recorded in the graph and redone at every replay (one pass over the weights per token)."""
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -210,22 +223,24 @@ class Decoder:
             return compiled
         # Capture: a warm-up on a side stream (allocator, cuBLAS workspaces), then one recorded step over
         # fixed input buffers. The warm-up really runs and advances pos, so pos is put back; capture does
-        # not run anything; each replay advances pos inside the graph.
+        # not run anything; each replay advances pos inside the graph. Under autocast the weight casts
+        # are recorded too, not read from autocast's cache (see _autocast_uncached).
         B, vocab, device = cache.k[0].size(0), self.model.config.vocab_size, cache.pos.device
         token = torch.zeros(B, dtype=torch.long, device=device)
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if sampling.penalize else None
         race = sampling.race((B, vocab), device)
         pos = cache.pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_one(token, cache, sampling, seen, race)
-        torch.cuda.current_stream().wait_stream(side)
-        cache.pos.copy_(pos)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            next_token = self._decode_one(token, cache, sampling, seen, race)
+        with _autocast_uncached(device.type):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_one(token, cache, sampling, seen, race)
+            torch.cuda.current_stream().wait_stream(side)
+            cache.pos.copy_(pos)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                next_token = self._decode_one(token, cache, sampling, seen, race)
 
         def replay(new_token, new_seen, new_race):
             token.copy_(new_token)

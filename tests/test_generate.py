@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from nanokor.generate import (Decoder, PromptError, Sampling, StreamDecoder, apply_repetition_penalty,
-                              encode_prompt, generate)
+from nanokor.generate import (Decoder, PromptError, Sampling, StreamDecoder, _autocast_uncached,
+                              apply_repetition_penalty, encode_prompt, generate)
 
 from tiny_checkpoint import tiny_model
 
@@ -214,6 +214,25 @@ def test_static_decoder_under_bf16_autocast_keeps_a_bf16_cache(model, compile_sp
     (cache,) = decoder._caches.values()
     assert cache.k[0].dtype == torch.bfloat16 and out.shape == (2, 8)
     assert (out == expected).float().mean() > 0.8  # bf16 rounding may flip a near-tie, not the sequence
+
+
+def test_graph_capture_casts_weights_afresh_under_autocast_instead_of_reading_its_cache():
+    # The CUDA-graph step is captured inside _autocast_uncached. What capture must not do is read
+    # autocast's cached weight copy (freed when the outer autocast exits, while the graph lives on).
+    # The cache is observable on a CPU: a weight changed in place is still seen through its stale copy.
+    linear, x = torch.nn.Linear(16, 16), torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = linear(x)
+        linear.weight.mul_(2)
+        assert torch.equal(linear(x), before)  # autocast's cache: the stale bf16 copy
+        with _autocast_uncached("cpu"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            fresh = linear(x)
+            assert fresh.dtype == torch.bfloat16 and not torch.equal(fresh, before)
+            assert torch.allclose(fresh.float(), (x @ linear.weight.T + linear.bias).float(), rtol=2e-2, atol=2e-2)
+        assert torch.is_autocast_cache_enabled() and torch.equal(linear(x), before)  # the outer autocast as it was
+    with _autocast_uncached("cpu"):  # outside autocast it changes nothing
+        assert not torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled()
 
 
 def test_decoder_refuses_cuda_graphs_off_cuda_and_unknown_modes(model):
