@@ -41,7 +41,9 @@ PEAK_TFLOPS = (
     ("H100 PCIe", (756.0, 51.0)),
     ("H100 NVL", (835.0, 60.0)),
     ("H100", (989.0, 67.0)),
+    ("H200 NVL", (835.0, 60.0)),  # the PCIe card, lower clocks and power than the SXM module
     ("H200", (989.0, 67.0)),
+    ("GH200", (989.0, 67.0)),  # Grace Hopper: the SXM part's rates ("GH200" is not the word "H200")
     ("A100", (312.0, 19.5)),
     ("L40S", (362.0, 91.6)),
     ("L40", (181.0, 90.5)),

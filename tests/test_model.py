@@ -272,10 +272,20 @@ def test_mfu_uses_known_peaks_and_declines_unknown_devices():
     assert estimate_mfu(1e9, 494.5e3, "NVIDIA H200", torch.bfloat16) == pytest.approx(0.5)
     assert estimate_mfu(1e9, 1e3, "cpu", torch.float32) is None
     assert peak_flops("NVIDIA L40S", torch.bfloat16) == 362e12 and peak_flops("NVIDIA L4", torch.bfloat16) == 121e12
+    # Hopper variants by the names torch reports: the NVL card is slower than the SXM module, and a
+    # Grace Hopper superchip has the SXM rates (datasheets: bf16 dense 835 / 989, fp32 60 / 67).
+    assert peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA H200 NVL", torch.bfloat16) == 835e12
+    assert peak_flops("NVIDIA GH200 480GB", torch.bfloat16) == 989e12
+    assert peak_flops("NVIDIA GH200 144G HBM3e", torch.bfloat16) == 989e12
     precision = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")  # TF32, as train.py sets on CUDA
         assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 156e12
+        assert peak_flops("NVIDIA H200 NVL", torch.float32) == 417.5e12
+        torch.set_float32_matmul_precision("highest")
+        assert peak_flops("NVIDIA H200 NVL", torch.float32) == 60e12
+        assert peak_flops("NVIDIA GH200 480GB", torch.float32) == 67e12
     finally:
         torch.set_float32_matmul_precision(precision)
 
