@@ -1,137 +1,182 @@
 #!/usr/bin/env bash
-# Throughput of the base config on one lent GPU: train.py itself, bf16 autocast, a few hundred steps.
+# Everything nanokor needs measured on a GPU, in one command that fits one lent H200: correctness first,
+# then the headline figures, then profiles; every stage under its own timeout, all done by 7 minutes.
 #
-#   bash bench/gpu_check.sh           # ~4-6 minutes; logs under $OUT if set, else bench/results/gpu_check
-#   STEPS=100 bash bench/gpu_check.sh # shorter
-#   EXTRA="--batch_size=8" bash bench/gpu_check.sh   # extra train.py flags, applied last to every run
+#   bash bench/gpu_check.sh             # on the GPU; results in $OUT, else bench/results/gpu_check
+#   bash bench/gpu_check.sh --dry-run   # every stage on this CPU with tiny shapes (~1 minute): the plumbing
+#   bash bench/gpu_check.sh --list      # the stages and their budgets
 #
-# Runs config/base.py (d_model 768, 12 layers, 16 x 1024 tokens x 4 micro-steps per step, Muon) five ways:
-# SDPA + torch.compile, the same with AdamW alone (what Muon costs), flash-attn + torch.compile (only if
-# flash_attn imports), 32 x 1024 x 2 micro-steps (the same tokens, larger micro-batches), and SDPA eager; then
-# prints tokens/s, step time, MFU (against the card's bf16 dense peak) and peak memory. Goal: MFU >= 50%
-# on one H100 with bf16 + compile. Last, generation on the GPU: bench/sample_speed.py (nanokor eager, as a
-# replayed CUDA graph and compiled with CUDA graphs, against transformers' generate, bf16; it first checks
-# every path's greedy tokens against eager's), unless SAMPLE=0.
+# With the device tool: `run` with
+#   command:   bash bench/gpu_check.sh
+#   timeout_s: 480   (the stages end by 420 s; the rest is slack; the machine's start is not counted)
+#   carry:     nothing (the image has every package the stages use; nanokor runs from the tree)
+# A machine's start (1-2 minutes) and its idle wait count against the 15 minutes of device time too, so
+# one full run leaves about 5: rerun at once what failed, e.g. command
+#   GPU_CHECK_ONLY=data,train-muon bash bench/gpu_check.sh    with timeout_s 240
+# or call give_back.
 #
-# Self-contained for a machine without network, wandb, datasets or deepspeed. Data: the embedded Korean
-# sample (`python prepare.py --dataset sample`), whose real tokens are tiled into larger shards so the
-# base batch and the validation pass have enough windows; throughput does not depend on the text. The
-# vocabulary is therefore the sample tokenizer's (~4,600 ids), not the 32,000 of a real base run.
-set -euo pipefail
+# Results in $OUT, 3 files (the device returns at most 8), each rewritten (temp file, then rename) after
+# every stage, so a run killed anywhere returns what it measured until then:
+#   summary.md        a row per stage (status, seconds, headline figure), then each stage's figures and, for
+#                     a stage that did not succeed, the last lines of its log
+#   results.json      the same, for programs
+#   gpu_check.tar.gz  every stage's log and JSON, and train.py's metrics.jsonl and config.json
+#
+# The stages, in priority order, with their budgets in seconds (each its own timeout; a stage that would
+# have under 20 s before the 420 s deadline is recorded as skipped). Estimates from the last H200 run:
+# base.py compiled ran 140 ms a step at 65,536 tokens, generation compiled in ~80 s (the old dynamic form).
+#   machine        15  GPU, driver, torch, packages; the bf16 matmul rate and copy bandwidth measured
+#   data           20  the embedded sample (prepare.py --dataset sample), tokens tiled to 8M train / 1M val
+#   train-muon    130  CORRECTNESS and MFU: config/base.py through train.py, compiled, Muon, 50 steps of
+#                      65,536 tokens (compilation ~60 s, then ~7 s), an evaluation, a save: the loss must fall
+#   decode-check   55  CORRECTNESS: greedy tokens in fp32, exactly eager's: the CUDA-graph and the compiled
+#                      (reduce-overhead) decoders; the graph captured under autocast, replayed under another
+#   train-adamw    50  MFU with AdamW alone, what Muon costs (Inductor's cache has base.py's graphs by now)
+#   sample-speed   90  decode speed against transformers' generate at batch 1 and 8, bf16, 3 rounds
+#   profile      rest  where a compiled base step's time goes, 32k vocabulary (bench/step_profile.py)
+#   profile-plain-loss rest   the same with the unfused LM head + loss: what the fused one saves
+# 15 + 20 + 130 + 55 + 50 + 90 = 360 s, so the profiles get 60 s or what earlier stages left unspent.
+#
+# Environment: GPU_CHECK_SECONDS (420) the deadline; GPU_CHECK_ONLY=a,b runs only those stages (the train
+# stages need data); GPU_CHECK_FAIL=a,b gives those stages a bad flag (the tests inject failures with it);
+# PYTHON (python3) the interpreter.
+# Runs as the lent image is (KINDS.md): python3 (there may be no `python`), torch >= 2.9 (2.11 there),
+# numpy, sentencepiece, safetensors, tqdm, transformers; no datasets, wandb, deepspeed or flash-attn, no
+# network. The data is the embedded sample, so the vocabulary is its tokenizer's 4,608 ids, not a real
+# base run's 32,000. The dry run hides those four packages from Python (bench/lent_image/sitecustomize.py)
+# and runs every stage through the same code: the graph decoder and the autocast replay record "skipped: no CUDA"
+# there, the compiled paths run eager (CPU compilation costs ~20-90 s each; the test suite compiles once).
+set -uo pipefail  # no -e: a stage that fails is recorded and the next one runs
 cd "$(dirname "$0")/.."
 
-LOG="${OUT:-bench/results/gpu_check}"
-STEPS="${STEPS:-200}"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
-mkdir -p "$LOG"
+# ---- the stages, in priority order -------------------------------------------------------------------
+#  name                kind     budget (s)  needs
+STAGES=(
+  "machine             machine  15          -"
+  "data                data     20          -"
+  "train-muon          train    130         data"
+  "decode-check        check    55          -"
+  "train-adamw         train    50          data"
+  "sample-speed        speed    90          -"
+  # Issue 19's stages go here, before the profiles, e.g. (each also a line in stage_command):
+  #   "train-muon-partitioned  train  60  data"   the partitioned Muon optimizer
+  #   "train-fsdp2             train  60  data"   the FSDP2 engine on one GPU
+  #   "train-ddp-1rank         train  60  data"   DDP with 1 rank, through torchrun
+  "profile             profile  rest        -"
+  "profile-plain-loss  profile  rest        -"
+)
 
-{ nvidia-smi || true; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
-    > "$LOG/machine.txt" 2>&1
-cat "$LOG/machine.txt"
-
-echo "== data: embedded sample, tokens tiled to 16M train / 1M val"
-python prepare.py --dataset sample --out "$WORK/sample" > "$LOG/prepare.log" 2>&1
-python - "$WORK/sample" "$WORK/data" <<'EOF'
-import sys
-from pathlib import Path
-import numpy as np
-from nanokor.shards import DataDir, ShardWriter, read_shard
-
-src, dst = DataDir(sys.argv[1]), DataDir(sys.argv[2])
-dst.path.mkdir()
-dst.write_tokenizer(src.tokenizer)
-meta = dict(src.meta)
-sha, vocab = meta["tokenizer"]["sha256"], meta["tokenizer"]["vocab_size"]
-meta["shards"] = {}
-for split, n in (("train", 16_000_000), ("val", 1_000_000)):
-    tokens = np.concatenate([np.asarray(read_shard(p)) for p in src.shard_paths(split)])
-    writer = ShardWriter(dst.path, split, shard_tokens=n, vocab_size=vocab, tokenizer_sha=sha)
-    writer.write(np.resize(tokens, n))
-    meta["shards"][split] = writer.close()
-meta["note"] = "gpu_check: the embedded sample's tokens, tiled"
-dst.write_meta(meta)
-EOF
-
-run() {  # name, then train.py flags
-    local name="$1"; shift
-    echo "== $name"
-    if timeout 300 python train.py config/base.py --data_dir="$WORK/data" --out_dir="$WORK/out-$name" \
-        --max_steps="$STEPS" --eval_interval="$STEPS" --eval_tokens=262144 --keep_best=0 --sample_tokens=32 \
-        --wandb_mode=disabled "$@" ${EXTRA:-} > "$LOG/$name.log" 2>&1; then
-        cp "$WORK/out-$name/metrics.jsonl" "$LOG/$name.metrics.jsonl"
-    else
-        echo "   failed (exit $?); last lines of $LOG/$name.log:"; tail -n 15 "$LOG/$name.log"
-    fi
+stage_command() {  # CMD=(the command line of stage $1); its output goes to $LOGS/$1.log
+    case $1 in
+    machine)            CMD=("$PY" -u bench/gpu_check.py machine --json "$LOGS/$1.json") ;;
+    data)               CMD=("$PY" -u bench/gpu_check.py data "$WORK/data" "${DATA[@]}") ;;
+    train-muon)         CMD=("$PY" -u train.py config/base.py "${TRAIN[@]}" --out_dir="$WORK/runs/$1") ;;
+    train-adamw)        CMD=("$PY" -u train.py config/base.py "${TRAIN[@]}" "${ADAMW[@]}" --out_dir="$WORK/runs/$1") ;;
+    decode-check)       CMD=("$PY" -u bench/sample_speed.py --check --dtype fp32 "${CHECK[@]}" --out "$LOGS/$1.json") ;;
+    sample-speed)       CMD=("$PY" -u bench/sample_speed.py "${SPEED[@]}" --out "$LOGS/$1.json") ;;
+    # Issue 19's commands go here, e.g.
+    #   train-ddp-1rank) CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py
+    #                         config/base.py "${TRAIN[@]}" --out_dir="$WORK/runs/$1") ;;
+    profile)            CMD=("$PY" -u bench/step_profile.py "${PROFILE[@]}" --out "$LOGS/$1.json") ;;
+    profile-plain-loss) CMD=("$PY" -u bench/step_profile.py "${PROFILE[@]}" --plain-loss --out "$LOGS/$1.json") ;;
+    *)                  echo "gpu_check.sh: stage $1 has no command in stage_command" >&2; return 1 ;;
+    esac
 }
 
-run sdpa-compile --attention=sdpa --compile=true
-run adamw-compile --attention=sdpa --compile=true --optimizer=adamw --lr_factor=1.0 --embed_lr=0  # base.py is Muon: its cost
-if python -c "import flash_attn" 2>/dev/null; then
-    run flash-compile --attention=flash --compile=true
+# ---- where things go ---------------------------------------------------------------------------------
+MODE=gpu
+case "${1:-}" in
+--dry-run) MODE=dry-run ;;
+--list)    printf '%s\n' "${STAGES[@]}"; exit 0 ;;
+"")        ;;
+*)         echo "usage: bash bench/gpu_check.sh [--dry-run | --list]" >&2; exit 2 ;;
+esac
+PY="${PYTHON:-python3}"
+TOTAL="${GPU_CHECK_SECONDS:-420}"
+MIN_STAGE_S=20
+BUDGET_FACTOR=1
+RESULTS="${OUT:-bench/results/gpu_check}"
+WORK="$(mktemp -d)"
+LOGS="$WORK/logs"
+STAGE_PID=  # the running stage's `timeout`, leader of the stage's process group
+trap 'rm -rf "$WORK"' EXIT
+trap '[[ -n $STAGE_PID ]] && { kill -TERM -- "-$STAGE_PID" || kill -TERM "$STAGE_PID"; } 2>/dev/null; exit 143' INT TERM
+mkdir -p "$RESULTS" "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+if [[ $MODE == dry-run ]]; then  # datasets, wandb, deepspeed and flash_attn made absent, as on the image
+    export PYTHONPATH="$PWD/bench/lent_image:$PYTHONPATH"
+fi
+
+# ---- the shapes: the GPU's, or the dry run's tiny ones ---------------------------------------------------
+# Short runs, with base.py's peak rates (Muon 0.02, embedding 0.2, head 3.4e-3) reached in W steps rather
+# than 1000, so that the loss visibly falls: lr_factor 3 * sqrt(W / 1000) keeps the head's Noam peak where
+# base.py has it; for AdamW alone, sqrt(W / 1000) keeps lr_factor 1's peak over 1000 steps (1.1e-3).
+if [[ $MODE == gpu ]]; then
+    DATA=(--train-tokens 8000000 --val-tokens 1000000)
+    TRAIN=(--data_dir="$WORK/data" --compile=true --max_steps=50 --warmup_steps=20 --lr_factor=0.42
+           --eval_interval=50 --eval_tokens=65536 --keep_best=0 --sample_tokens=32 --wandb_mode=disabled)
+    ADAMW=(--optimizer=adamw --lr_factor=0.14 --embed_lr=0)
+    CHECK=(--device cuda --n-layer 2)  # the paths' correctness, not their speed: 2 layers compile faster
+    SPEED=(--device cuda --rounds 3)
+    PROFILE=(--compile --steps 10 --profile-rounds 2)
 else
-    echo "== flash-compile: skipped (flash_attn is not installed)"
-fi
-# The same tokens per step in micro-batches twice as large: does the H200's memory buy MFU?
-run b32-compile --attention=sdpa --compile=true --batch_size=32 --grad_accum=2
-run sdpa-eager --attention=sdpa --compile=false --max_steps="$(( STEPS / 2 ))" --eval_interval="$(( STEPS / 2 ))"
-
-python - "$LOG" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-
-log = Path(sys.argv[1])
-rows = []
-for name in ("sdpa-compile", "adamw-compile", "flash-compile", "b32-compile", "sdpa-eager"):
-    path = log / f"{name}.metrics.jsonl"
-    if not path.is_file():
-        continue
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    timed = steps[len(steps) // 5:]  # the first fifth holds compilation and warm-up
-    val = [r for r in records if "val_loss" in r]
-    rows.append({"run": name, "steps": len(steps),
-                 "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
-                 "step_ms": 1e3 * statistics.median(r["step_time"] for r in timed),
-                 "mfu": statistics.median(r["mfu"] for r in timed) if "mfu" in timed[0] else None,
-                 "peak_mem_gb": max(r["mem_gb"] for r in steps),
-                 "final_loss": steps[-1]["loss"], "val_loss": val[-1]["val_loss"] if val else None})
-(log / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-print(f"\n{'run':<14} {'steps':>5} {'tokens/s':>11} {'step ms':>8} {'MFU':>6} {'peak GB':>8} {'loss':>6}")
-for r in rows:
-    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    loss = f"{r['final_loss']:.2f}" if r["final_loss"] is not None else "nan"  # metrics.jsonl writes NaN as null
-    print(f"{r['run']:<14} {r['steps']:>5} {r['tokens_per_sec']:>11,.0f} {r['step_ms']:>8.1f} {mfu:>6} "
-          f"{r['peak_mem_gb']:>8.1f} {loss:>6}")
-print(f"(medians over the last 4/5 of the steps; logs and summary.json in {log})")
-EOF
-
-if [ "${PROFILE:-1}" = 1 ]; then  # the base shape, 32k vocabulary: the step's breakdown, fused vs plain loss
-    for flags in "--compile" "--compile --plain-loss" "--compile --optimizer adamw"; do
-        name="profile$(echo $flags | tr -d ' -')"
-        echo "== bench/step_profile.py $flags"
-        PYTHONPATH=. timeout 240 python bench/step_profile.py $flags --out "$LOG/$name.json" > "$LOG/$name.log" 2>&1 \
-            || echo "   failed (exit $?)"
-        grep -E "^step|^  [a-z]+ |matmuls alone" "$LOG/$name.log"
-    done
+    export OMP_NUM_THREADS=1  # tiny shapes gain nothing from threads; on a shared CPU spinning ones cost 20x
+    BUDGET_FACTOR=3  # a loaded CPU starts Python and torch slowly; the budgets are the GPU's
+    TINY=(--d-model 64 --n-layer 2 --n-head 2 --d-ff 128)
+    DATA=(--train-tokens 200000 --val-tokens 20000)
+    TRAIN=(--data_dir="$WORK/data" --device=cpu --dtype=fp32 --compile=false --n_layer=2 --n_head=2 --d_model=64
+           --d_ff=128 --block_size=64 --batch_size=4 --grad_accum=1 --max_steps=16 --warmup_steps=8 --lr_factor=0.27
+           --eval_interval=16 --eval_tokens=1024 --keep_best=0 --sample_tokens=8 --wandb_mode=disabled)
+    ADAMW=(--optimizer=adamw --lr_factor=0.09 --embed_lr=0)
+    CHECK=(--device cpu "${TINY[@]}" --n-kv-head 1 --no-compile)
+    SPEED=(--device cpu "${TINY[@]}" --n-kv-head 1 --no-compile --rounds 1 --new-tokens 16 --ttft-prompt-tokens 64)
+    PROFILE=(--device cpu "${TINY[@]}" --vocab-size 512 --seq-len 64 --batch-size 4 --steps 2 --profile-steps 1
+             --profile-rounds 1)
 fi
 
-if [ "${SAMPLE:-1}" = 1 ] && [ -f "$WORK/out-sdpa-compile/last.pt" ]; then
-    echo "== sample.py on the trained base checkpoint: --cuda-graph and --compile against eager, seeded"
-    for how in "" "--cuda-graph" "--compile"; do
-        timeout 240 python sample.py --ckpt "$WORK/out-sdpa-compile/last.pt" --prompt "대한민국의 역사는" \
-            --max-new-tokens 64 --top-k 50 --seed 7 $how > "$LOG/sample$how.txt" 2> "$LOG/sample$how.err" \
-            || echo "   sample.py $how failed (exit $?): $(tail -n 3 "$LOG/sample$how.err")"
-    done
-    for how in "--cuda-graph" "--compile"; do
-        if cmp -s "$LOG/sample.txt" "$LOG/sample$how.txt"; then echo "   $how: the same text as eager"
-        else echo "   $how: DIFFERS from eager (bf16 may flip a near-tie late; see $LOG/sample*.txt)"; fi
-    done
-fi
+# ---- running a stage ------------------------------------------------------------------------------------
+record() {  # name, then gpu_check.py record's flags: rewrites summary.md, results.json and the tarball
+    "$PY" bench/gpu_check.py record "$RESULTS" "$WORK" "$@" || echo "   recording $1 failed (see above)"
+}
 
-if [ "${SAMPLE:-1}" = 1 ]; then
-    echo "== generation: bench/sample_speed.py on this GPU"
-    PYTHONPATH=. timeout 300 python bench/sample_speed.py --device cuda --out "$LOG/sample_speed.json" \
-        > "$LOG/sample_speed.log" 2>&1 || echo "   failed (exit $?)"
-    grep -v "Loading weights" "$LOG/sample_speed.log" | tail -n 12
-fi
+run_stage() {  # name kind budget needs
+    local name=$1 budget=$3 needs=$4 left=$(( DEADLINE - $(date +%s) )) started rc
+    if [[ -n ${GPU_CHECK_ONLY:-} && ",$GPU_CHECK_ONLY," != *",$name,"* ]]; then
+        record "$name" --skipped "not in GPU_CHECK_ONLY"; return
+    fi
+    if [[ $needs != - && ! -e $WORK/ok/$needs ]]; then
+        record "$name" --skipped "it needs $needs, which did not succeed"; return
+    fi
+    if (( left < MIN_STAGE_S )); then
+        record "$name" --skipped "out of time (${left} s of the ${TOTAL} s deadline left)"; return
+    fi
+    if [[ $budget == rest ]]; then budget=$left; else budget=$(( budget * BUDGET_FACTOR )); fi
+    (( budget > left )) && budget=$left
+    stage_command "$name" || { record "$name" --skipped "no command for it"; return; }
+    [[ ",${GPU_CHECK_FAIL:-}," == *",$name,"* ]] && CMD+=(--gpu-check-injected-failure)
+    echo "== $name (${budget} s): ${CMD[*]}"
+    started=$(date +%s.%N)
+    timeout --kill-after=5 "$budget" "${CMD[@]}" > "$LOGS/$name.log" 2>&1 &  # waited for, so a signal stops it too
+    STAGE_PID=$!
+    wait "$STAGE_PID"
+    rc=$?
+    STAGE_PID=
+    record "$name" --rc "$rc" --started "$started" --budget "$budget"
+}
+
+# ---- the run --------------------------------------------------------------------------------------------
+DEADLINE=$(( $(date +%s) + TOTAL ))
+names=()
+for row in "${STAGES[@]}"; do read -r name kind budget _ <<< "$row"; names+=("$name:$kind:$budget"); done
+"$PY" bench/gpu_check.py plan "$RESULTS" "$WORK" --mode "$MODE" --deadline-s "$TOTAL" "${names[@]}" || exit 1
+echo "gpu_check ($MODE): ${#STAGES[@]} stages, ${TOTAL} s deadline; results in $RESULTS"
+for row in "${STAGES[@]}"; do
+    read -r name kind budget needs <<< "$row"
+    run_stage "$name" "$kind" "$budget" "$needs"
+done
+echo
+sed -n '/^| stage /,/^$/p' "$RESULTS/summary.md"  # the overview table, for the device tool's output tail
+echo "$RESULTS: summary.md, results.json, gpu_check.tar.gz"
+"$PY" -c 'import json, sys; sys.exit(any(s["status"] not in ("ok",) and not s["status"].startswith("skipped")
+                                           for s in json.load(open(sys.argv[1]))["stages"]))' "$RESULTS/results.json"
