@@ -15,12 +15,13 @@ bf16 a near-tie may flip a token late, and correctness is the fp32 check's job.
 
 Check (--check; fp32 unless --dtype says otherwise). Each fast path's greedy tokens against eager's for
 two batches of two prompts through one Decoder (its static cache and graph reused, the second prompts
-shorter than what the first left in the cache). In fp32 every path computes the same function, so all
-tokens must agree; at a difference, eager's gap between its two most likely tokens is reported (a gap
-at rounding level is a near-tie, a wide one is a wrong cache, mask or graph). On CUDA also: the graph
-path captured under bf16 autocast and replayed under a later autocast, after the first one's freed
-weight copies were overwritten with NaN. A path this device lacks is recorded as skipped (the graph
-on a CPU), as is one switched off (--no-compile). Exit 1 unless every path that ran agrees.
+shorter than what the first left in the cache), and eager's against full forwards with no cache. In
+fp32 every path computes the same function, so all tokens must agree; at a difference, eager's gap
+between its two most likely tokens is reported (a gap at rounding level is a near-tie, a wide one is a
+wrong cache, mask or graph). On CUDA also: the graph path captured under bf16 autocast and replayed
+under a later autocast, after the first one's freed weight copies were overwritten with NaN, must
+repeat its own tokens. A path this device lacks is recorded as skipped (the graph on a CPU), as is one
+switched off (--no-compile). Exit 1 unless every path that ran agrees.
 
     python bench/sample_speed.py                       # a 6-layer, d=384 model on the sample tokenizer
     python bench/sample_speed.py --ckpt out/last.pt    # a trained checkpoint
@@ -134,25 +135,29 @@ def shared_prefix(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out == ref).int().cumprod(1).sum(1)
 
 
-def top2_gap(model, prompt: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Eager's logit margin between its two most likely next tokens after prompt + tokens (1-D each)."""
+def top2_gap(model, prompt: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """Eager's logit margin between its two most likely next tokens after prompt + tokens (1-D each), and
+    the logits' largest magnitude, the scale of their rounding error."""
     logits = model(torch.cat([prompt, tokens])[None])[0][0, -1].float()
     top = logits.topk(2).values
-    return float(top[0] - top[1])
+    return float(top[0] - top[1]), float(logits.abs().max())
 
 
 def agreement(model, prompts, outs, refs) -> dict:
-    """outs against eager's refs (one (B, n) tensor per prompt batch): ok when every token agrees; else
-    where the first difference is, and eager's top-2 gap there (a gap at rounding level is a near-tie)."""
+    """outs against refs (one (B, n) tensor per prompt batch): ok when every token agrees; else where the
+    first difference is, and eager's top-2 gap there. fp32 rounding (~1e-6 of the logits' scale) can flip
+    only a near-tie; a wrong cache, mask or graph parts where the gap is wide."""
     n = refs[0].size(1)
     shared = [shared_prefix(out, ref) for out, ref in zip(outs, refs)]
     agree = min(int(s.min()) for s in shared)
     if agree == n:
         return {"status": "ok", "agree": n, "of": n}
     i, row = next((i, int(s.argmin())) for i, s in enumerate(shared) if int(s.min()) == agree)
-    gap = top2_gap(model, prompts[i][row], refs[i][row, :agree])
-    return {"status": f"DIFFERS at token {agree} of {n} (eager's top-2 gap there {gap:.3g})", "agree": agree,
-            "of": n, "first_difference": {"prompt": i, "row": row, "token": agree, "eager_top2_gap": gap}}
+    gap, scale = top2_gap(model, prompts[i][row], refs[i][row, :agree])
+    tie = ", a near-tie that fp32 rounding can flip" if gap < 1e-5 * scale else ""
+    return {"status": f"DIFFERS at token {agree} of {n} (eager's top-2 logit gap there {gap:.2g}{tie})",
+            "agree": agree, "of": n, "first_difference": {"prompt": i, "row": row, "token": agree,
+                                                          "eager_top2_gap": gap, "logit_scale": scale}}
 
 
 def full_forwards(model, idx, n) -> torch.Tensor:
@@ -170,18 +175,19 @@ def check_prompts(tokenizer, device) -> list[torch.Tensor]:
     return [torch.tensor(rows, device=device) for rows in ([ids[:24], ids[100:124]], [ids[:9], ids[60:69]])]
 
 
-def graph_under_autocast(model, prompts, dtype=torch.bfloat16) -> dict:
+def graph_under_autocast(model, prompts, device_type="cuda", dtype=torch.bfloat16) -> dict:
     """The graph path captured under one autocast and replayed under a later one, with the first
-    autocast's freed weight copies overwritten by NaN in between (a graph that read them reads NaN)."""
+    autocast's freed weight copies overwritten by NaN in between: the replay must give the tokens the
+    capturing run gave (the same kernels on the same inputs, so exactly), where a graph that read those
+    copies would read NaN. (Against eager they may differ in bf16: the static cache attends over its
+    whole masked buffer, so a near-tie may round the other way.)"""
     decoder, n = Decoder(model, "graph"), AGREEMENT_TOKENS
-    with torch.autocast("cuda", dtype=dtype):
-        for prompt in prompts:
-            decode(decoder, prompt, n, temperature=0)  # captures here
+    with torch.autocast(device_type, dtype=dtype):
+        refs = [decode(decoder, prompt, n, temperature=0) for prompt in prompts]  # captures, then replays
     poison = [torch.full(p.shape, float("nan"), dtype=dtype, device=p.device)
               for p in model.parameters() if p.dim() == 2]
-    with torch.autocast("cuda", dtype=dtype):
-        outs = [decode(decoder, prompt, n, temperature=0) for prompt in prompts]  # replays
-        refs = [decode(model, prompt, n, temperature=0) for prompt in prompts]
+    with torch.autocast(device_type, dtype=dtype):
+        outs = [decode(decoder, prompt, n, temperature=0) for prompt in prompts]  # replays only
         result = agreement(model, prompts, outs, refs)
     del poison
     return result

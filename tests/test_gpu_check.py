@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanokor.generate import Decoder
 from nanokor.model import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,3 +159,18 @@ def test_decode_check_passes_the_same_function_and_locates_a_wrong_one():
     logits = model(torch.cat([prompts[i][row], refs[i][row, :k]])[None])[0][0, -1]
     top = logits.topk(2).values  # eager's margin where the paths part
     assert first["eager_top2_gap"] == pytest.approx(float(top[0] - top[1]))
+    assert first["logit_scale"] == pytest.approx(float(logits.abs().max()))
+
+
+@torch.no_grad()
+def test_the_autocast_replay_check_runs_through(monkeypatch):
+    # The check itself needs CUDA graphs; here its plumbing runs on a CPU with an eager decoder in the
+    # graph decoder's place, which repeats its own tokens under the second autocast.
+    ss = load_sample_speed()
+    modes = []
+    monkeypatch.setattr(ss, "Decoder", lambda model, mode: modes.append(mode) or Decoder(model, "eager"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=128)).eval()
+    prompts = [torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 3))]
+    assert ss.graph_under_autocast(model, prompts, device_type="cpu") == {"status": "ok", "agree": 64, "of": 64}
+    assert modes == ["graph"]
