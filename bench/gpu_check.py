@@ -4,6 +4,7 @@
     python bench/gpu_check.py data DIR --train-tokens N --val-tokens M
     python bench/gpu_check.py plan RESULTS WORK --mode gpu --deadline-s 420 NAME:KIND:BUDGET ...
     python bench/gpu_check.py record RESULTS WORK NAME --rc RC --started EPOCH --budget S | --skipped WHY
+    python bench/gpu_check.py finish RESULTS                      # the overview; exit 1 if a stage failed
 
 `plan` lists every stage as pending; `record` reads what a stage left in WORK (its log, its JSON, train.py's
 metrics.jsonl), turns it into figures and a status, and rewrites RESULTS/summary.md, results.json and
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     pl.add_argument("--mode", required=True, choices=["gpu", "dry-run"])
     pl.add_argument("--deadline-s", type=int, required=True)
     pl.add_argument("stages", nargs="+", help="NAME:KIND:BUDGET")
+    f = sub.add_parser("finish", help="print the overview; exit 1 if a stage failed")
+    f.add_argument("results")
     r = sub.add_parser("record", help="record one stage's result and rewrite RESULTS")
     r.add_argument("results")
     r.add_argument("work")
@@ -377,6 +380,15 @@ def summary(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finish(results: Path) -> int:
+    """Print summary.md's overview table (the device tool returns the output's end); 1 if a stage failed."""
+    text = (results / "summary.md").read_text()
+    print("\n" + text[text.index("| stage |"):].split("\n\n")[0])
+    print(f"{results}: summary.md, results.json, gpu_check.tar.gz")
+    stages = json.loads((results / "results.json").read_text())["stages"]
+    return int(any(s["status"] != "ok" and not s["status"].startswith("skipped") for s in stages))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "machine":
@@ -385,6 +397,8 @@ def main(argv=None):
         data(args.dir, args.train_tokens, args.val_tokens)
     elif args.command == "plan":
         plan(Path(args.results), Path(args.work), args.mode, args.deadline_s, args.stages)
+    elif args.command == "finish":
+        sys.exit(finish(Path(args.results)))
     else:
         if not args.skipped and None in (args.rc, args.started, args.budget):
             raise SystemExit("error: record needs --rc, --started and --budget, or --skipped")

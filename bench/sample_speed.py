@@ -175,13 +175,13 @@ def check_prompts(tokenizer, device) -> list[torch.Tensor]:
     return [torch.tensor(rows, device=device) for rows in ([ids[:24], ids[100:124]], [ids[:9], ids[60:69]])]
 
 
-def graph_under_autocast(model, prompts, device_type="cuda", dtype=torch.bfloat16) -> dict:
+def graph_under_autocast(model, prompts, n=AGREEMENT_TOKENS, device_type="cuda", dtype=torch.bfloat16) -> dict:
     """The graph path captured under one autocast and replayed under a later one, with the first
     autocast's freed weight copies overwritten by NaN in between: the replay must give the tokens the
     capturing run gave (the same kernels on the same inputs, so exactly), where a graph that read those
     copies would read NaN. (Against eager they may differ in bf16: the static cache attends over its
     whole masked buffer, so a near-tie may round the other way.)"""
-    decoder, n = Decoder(model, "graph"), AGREEMENT_TOKENS
+    decoder = Decoder(model, "graph")
     with torch.autocast(device_type, dtype=dtype):
         refs = [decode(decoder, prompt, n, temperature=0) for prompt in prompts]  # captures, then replays
     poison = [torch.full(p.shape, float("nan"), dtype=dtype, device=p.device)
