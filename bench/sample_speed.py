@@ -202,14 +202,17 @@ def check(args, model, tokenizer, device, result: dict, out: Path) -> bool:
     def against_eager(path) -> dict:
         return agreement(model, prompts, [decode(path, p, AGREEMENT_TOKENS, temperature=0) for p in prompts], refs)
 
-    # Eager's KV cache against none at all first: the reference the fast paths are held to, on any device.
+    fast = {name: path if isinstance(path, str) else partial(against_eager, path)
+            for name, path in fast_paths(model, device, not args.no_compile).items()}
+    # Eager's KV cache against none at all first (the reference the fast paths are held to, on any device);
+    # the compiled path last, as it alone takes long (it compiles on the first prompt).
     runs = {"full forwards (no cache)": lambda: agreement(
-        model, prompts, [full_forwards(model, p, AGREEMENT_TOKENS) for p in prompts], refs)}
-    runs |= {name: path if isinstance(path, str) else partial(against_eager, path)
-             for name, path in fast_paths(model, device, not args.no_compile).items()}
-    runs["nanokor+cudagraph under autocast"] = (partial(graph_under_autocast, model, prompts)
-                                                if device.type == "cuda" else "skipped: no CUDA")
-    for name, run in runs.items():  # each written as it is known: the first prompt pays the compilation
+        model, prompts, [full_forwards(model, p, AGREEMENT_TOKENS) for p in prompts], refs),
+        "nanokor+cudagraph": fast["nanokor+cudagraph"],
+        "nanokor+cudagraph under autocast": (partial(graph_under_autocast, model, prompts)
+                                             if device.type == "cuda" else "skipped: no CUDA"),
+        "nanokor+compile": fast["nanokor+compile"]}
+    for name, run in runs.items():  # each result written as soon as it is known
         if isinstance(run, str):
             paths[name] = {"status": run}
         else:
