@@ -252,9 +252,12 @@ def check_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
 
 def speed_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
     result = read_json(work / "logs" / f"{name}.json")
-    if result is None or "decode" not in result:
-        return {}, "no round was timed", ""
-    figures = {"dtype": result["dtype"].removeprefix("torch."), "rounds": result["rounds"]}
+    if result is None:
+        return {}, "no result written", ""
+    figures = {"dtype": result["dtype"].removeprefix("torch."), "rounds": result.get("rounds", 0)}
+    figures |= {f"warm-up s, {k}": round(v, 1) for k, v in result.get("warmup_s", {}).items()}
+    if "decode" not in result:  # cut during the warm-up: its times say which path took long
+        return figures, "no round was timed", ""
     headline = []
     for row in result["decode"]:
         key = f"batch {row['batch']}, {row['impl']}"
@@ -264,7 +267,6 @@ def speed_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
                             f"{row['speedup_vs_transformers']:.2f}x")
     figures |= result.get("skipped", {})
     figures |= {f"time to first token, {k}": f"{v:.1f} ms" for k, v in result.get("ttft_ms", {}).items()}
-    figures |= {f"warm-up s, {k}": round(v, 1) for k, v in result.get("warmup_s", {}).items()}
     figures |= {f"tokens shared with eager (same seed), {k}": f"{v}/64"
                 for k, v in result.get("seeded_agreement", {}).items()}
     return figures, None, "vs transformers: " + ", ".join(headline)
