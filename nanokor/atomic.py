@@ -4,13 +4,16 @@ Everything nanokor writes that a later run reads (checkpoints, shards, meta.json
 best.json, a rewritten metrics.jsonl) goes through `AtomicFile`: the bytes go to a temporary file
 beside the target, are fsynced, and the temporary file is renamed over the target. A crash or kill -9
 at any moment leaves either the old file or the new one, never half of one; a failed write (a full
-disk) removes the temporary file and leaves the old target as it was.
+disk) removes the temporary file and leaves the old target as it was. A target whose directory cannot
+be made (a path under a regular file, a read-only place) is an OutputError that names it.
 """
 
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from nanokor.errors import OutputError
 
 
 class AtomicFile:
@@ -19,9 +22,16 @@ class AtomicFile:
 
     def __init__(self, path, buffering: int = -1):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.file: BinaryIO = open(self.tmp, "wb", buffering=buffering)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file: BinaryIO = open(self.tmp, "wb", buffering=buffering)
+        except (FileExistsError, NotADirectoryError) as e:  # some part of the directory is a regular file
+            raise OutputError(f"Cannot write {self.path}: {_file_in(self.path.parent)} is a file, not a "
+                              "directory. Choose another output path.", e) from None
+        except PermissionError as e:
+            raise OutputError(f"Cannot write {self.path}: permission denied ({e.filename}). Choose a "
+                              "writable output path.", e) from None
 
     def commit(self) -> None:
         try:
@@ -55,6 +65,14 @@ def atomic_write(path, data: bytes | Callable[[BinaryIO], object]) -> None:
             data(f)
         else:
             f.write(data)
+
+
+def _file_in(directory: Path) -> Path:
+    """The first component of `directory` that exists and is not a directory."""
+    for part in reversed([directory, *directory.parents]):
+        if part.exists() and not part.is_dir():
+            return part
+    return directory
 
 
 def _fsync_dir(directory: Path) -> None:

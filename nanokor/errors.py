@@ -1,7 +1,8 @@
 """nanokor's errors: one base class, so every command line catches one type and prints one paragraph.
 
-Each message says what is wrong and how to fix it; the commands print it without a traceback (exit
-code 2). Anything else that escapes is a bug in nanokor, and keeps its traceback.
+Each message says what is wrong and how to fix it; the commands print it without a traceback. The exit
+code says whose move it is: 2 (argparse's) for input to fix, 1 for a started training run that could
+not go on. Anything else that escapes is a bug in nanokor, and keeps its traceback.
 """
 
 import sys
@@ -9,6 +10,8 @@ import sys
 
 class NanokorError(Exception):
     """A problem the user can fix; the message is one paragraph that says how."""
+
+    exit_code = 2
 
 
 class ConfigError(NanokorError, ValueError):
@@ -29,6 +32,21 @@ class CheckpointError(NanokorError):
 
 class TrainingError(NanokorError):
     """A run that cannot go on: too many non-finite steps, or an out_dir another run is using."""
+
+    exit_code = 1
+
+
+class OutputError(NanokorError, OSError):
+    """An output path that cannot be written (its directory is a file, or not writable). Also the OSError
+    behind it (errno, strerror, filename), so a command that words its own message for a failed write
+    still catches it."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror, cause.filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ExportError(NanokorError):
@@ -51,13 +69,12 @@ class PlotError(NanokorError):
     """Nothing to plot, or a plot that cannot be drawn from the given run."""
 
 
-def exit_on_error(main, *args, error_code: int = 2) -> int:
+def exit_on_error(main, *args) -> int:
     """Run a command's `main` and return its exit code (its own int, else 0); a NanokorError becomes
-    `error: <paragraph>` on stderr and `error_code` (2, argparse's, for the tools; train.py, whose run
-    failed, says 1)."""
+    `error: <paragraph>` on stderr and its class's `exit_code`."""
     try:
         code = main(*args)
     except NanokorError as e:
         print(f"error: {e}", file=sys.stderr)
-        return error_code
+        return e.exit_code
     return code if isinstance(code, int) else 0
