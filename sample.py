@@ -18,20 +18,8 @@ import torch
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.device import DTYPES, resolve_device, resolve_dtype
 from nanokor.errors import NanokorError, PromptError
+from nanokor.flags import number, positive_int, seed
 from nanokor.generate import Decoder, StreamDecoder, encode_prompt, generate, room_to_generate
-
-
-def _number(kind, low, high=None, low_open=False, text=""):
-    """An argparse type: a number in [low, high] (or (low, high] with low_open), with a readable error."""
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
-        if (v <= low if low_open else v < low) or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"{s} is out of range: {text}")
-        return v
-    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,14 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: none, sample from BOS)")
     src.add_argument("--prompt-file", help="UTF-8 file holding the prompt, '-' for stdin (trailing newlines dropped)")
-    p.add_argument("--max-new-tokens", type=_number(int, 1, text="need at least 1"), default=200)
-    p.add_argument("--temperature", type=_number(float, 0, text="need >= 0 (0 = greedy)"), default=0.8)
-    p.add_argument("--top-k", type=_number(int, 1, text="need a positive integer"), default=None)
-    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True, text="need 0 < p <= 1"), default=None)
-    p.add_argument("--repetition-penalty", type=_number(float, 0, low_open=True, text="need > 0 (1 = off)"),
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=number(float, 0, text="need >= 0 (0 = greedy)"), default=0.8)
+    p.add_argument("--top-k", type=number(int, 0, text="need >= 0 (0 = off)"), default=None,
+                   help="sample among the k likeliest tokens (0 or unset: all, as in the exported generation_config)")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True, text="need 0 < p <= 1"), default=None)
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True, text="need > 0 (1 = off)"),
                    default=1.0)
-    p.add_argument("--num-samples", type=_number(int, 1, text="need at least 1"), default=1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    p.add_argument("--seed", type=seed(64), default=1337)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto = bfloat16 on GPUs that support it, else float32")
@@ -59,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="(CUDA) replay the eager step as a captured CUDA graph: no compilation, no per-op "
                           "Python dispatch")
     args = p.parse_args(argv)
+    args.top_k = args.top_k or None  # 0 means off, as llama.cpp and transformers read it
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:

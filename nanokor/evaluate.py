@@ -14,7 +14,6 @@ runs lm-evaluation-harness tasks on it (nanokor/harness.py):
 import argparse
 import json
 import math
-import sys
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.corpus import normalize, open_corpus
 from nanokor.device import DTYPES, resolve_device, resolve_dtype
 from nanokor.errors import EvalError, exit_on_error
+from nanokor.flags import number, positive_int
 
 
 @torch.no_grad()
@@ -141,12 +141,13 @@ def main(argv=None) -> int:
     text.add_argument("--text-column", default="text", help="jsonl field / parquet column holding the text")
     text.add_argument("--max-tokens", type=token_budget, default=1_000_000,
                       help="token budget: score at most this many tokens (default 1,000,000), or 'all'")
-    text.add_argument("--seq-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    text.add_argument("--seq-len", type=positive_int, help="tokens per row (default: the model's max_seq_len)")
     tasks = p.add_argument_group("lm-eval (--tasks)")
     tasks.add_argument("--limit", type=task_limit, help="examples per task (a count, or a fraction below 1)")
-    tasks.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    tasks.add_argument("--num-fewshot", type=number(int, 0, text="need 0 or more"),
+                       help="few-shot examples (default: each task's own)")
     tasks.add_argument("--include-path", help="a directory of task YAML files of your own, e.g. on local data")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="autocast dtype (lm-eval: the weights' dtype); auto = bfloat16 on GPUs that support "
@@ -154,10 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON results path (default beside the checkpoint: eval-<data name>.json, "
                                  "or lm-eval-<tasks>.json)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
-        p.error("--batch-size and --seq-len must be >= 1")
-    if args.tasks == [] or (args.num_fewshot is not None and args.num_fewshot < 0):
-        p.error("--tasks needs at least one task name, and --num-fewshot must be >= 0")
+    if args.tasks == []:
+        p.error("--tasks needs at least one task name, e.g. --tasks kobest_copa")
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:

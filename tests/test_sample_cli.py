@@ -165,6 +165,14 @@ def test_seeded_samples_reproduce_and_differ_from_each_other(ckpt, monkeypatch):
     assert all(s.startswith(PROMPT) for s in samples)
 
 
+def test_top_k_0_is_off_as_in_the_exported_generation_config(ckpt, monkeypatch):
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--max-new-tokens", 8, "--temperature", 1.5, "--seed", 3]
+    _, off, _ = run_main(monkeypatch, *args)
+    _, zero, _ = run_main(monkeypatch, *args, "--top-k", 0)
+    _, one, _ = run_main(monkeypatch, *args, "--top-k", 1)
+    assert zero == off != one
+
+
 def test_unconditional_sampling_without_a_prompt(ckpt, monkeypatch):
     code, text, _ = run_main(monkeypatch, "--ckpt", ckpt, "--max-new-tokens", 10)
     assert code == 0 and len(text.strip()) > 0
@@ -208,8 +216,11 @@ def test_bad_input_is_a_one_paragraph_error(case, message, ckpt, tmp_path, monke
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flag, value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--top-k", "0"),
-                                         ("--max-new-tokens", "zero"), ("--device", "tpu")])
+@pytest.mark.parametrize("flag, value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--top-k", "-1"),
+                                         ("--max-new-tokens", "zero"), ("--device", "tpu"),
+                                         ("--seed", str(2**64)), ("--seed", "-1"),  # was an Overflow traceback
+                                         ("--temperature", "nan"), ("--repetition-penalty", "inf"),  # were silent
+                                         ("--top-p", "nan")])  # was a ValueError traceback
 def test_bad_option_values_exit_2_with_usage(flag, value, ckpt, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--ckpt", str(ckpt), flag, value])
