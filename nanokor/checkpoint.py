@@ -57,14 +57,18 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     mmap=True maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"No checkpoint at {path}. Train one with `python train.py config/tiny.py` "
+        inside = f" It is a directory; the checkpoint in it is {path / 'last.pt'}." if (path / "last.pt").is_file() \
+            else ""
+        raise CheckpointError(f"No checkpoint at {path}.{inside} Train one with `python train.py config/tiny.py` "
                               "(it writes out/last.pt) or pass the right path with --ckpt.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"Could not read {path} as a checkpoint ({type(e).__name__}: {e}). The file is "
-                              "corrupt, truncated, or not a nanokor checkpoint; use another checkpoint such as "
-                              "a best-*.pt beside it.") from e
+        # torch's own first sentence only: the rest is advice to load unsafely (weights_only=False)
+        reason = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise CheckpointError(f"Could not read {path} as a checkpoint ({type(e).__name__}: {reason}). The file is "
+                              "corrupt, truncated (a copy cut short?), or not a nanokor checkpoint; use another "
+                              "checkpoint such as a best-*.pt beside it.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nanokor checkpoint (no '{FORMAT}' tag). Pass a file written by "
                               "nanokor's train.py.")

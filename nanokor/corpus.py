@@ -214,7 +214,8 @@ def _check_parquet_columns(paths: list[Path], column: str) -> None:
     import pyarrow as pa
 
     for path in parquet:
-        schema = pq.read_schema(path)
+        with _parquet_errors(path):
+            schema = pq.read_schema(path)
         if column not in schema.names:
             raise DataError(f"{path} has no column {column!r}; its columns are {schema.names}. "
                             "Pick the text column with --text-column.")
@@ -264,7 +265,8 @@ class ParquetPart:
     def read(self, counts: Counter) -> Iterator[str]:
         import pyarrow as pa
 
-        values = _row_group(self.path, self.row_group, self.column).slice(self.start, self.stop - self.start)
+        with _parquet_errors(self.path):
+            values = _row_group(self.path, self.row_group, self.column).slice(self.start, self.stop - self.start)
         try:
             texts = values.to_pylist()
         except UnicodeDecodeError:  # a "string" column holding invalid UTF-8: decode it ourselves
@@ -273,6 +275,20 @@ class ParquetPart:
             if isinstance(text, bytes):  # a binary column
                 text = _decode(text, counts)
             yield text or ""
+
+
+@contextmanager
+def _parquet_errors(path: Path):
+    """pyarrow's failures on a file that is not parquet (or is cut short or damaged) as a DataError naming
+    it. Raised in a worker process too: the error pickles back to prepare with its message."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid (bad magic, 0 bytes), ArrowIOError, corrupt pages
+        raise DataError(f"Cannot read {path} as parquet ({str(e).splitlines()[0].rstrip('.')}). The file is damaged, cut "
+                        "short (an interrupted download or copy?) or not parquet; replace it, or leave it out "
+                        "of --data-files.") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,7 +306,8 @@ def _parquet_parts(path: Path, column: str) -> Iterator[ParquetPart]:
     """Row groups, cut into even slices of about PART_BYTES (judged by their uncompressed size)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    with _parquet_errors(path):
+        pf = pq.ParquetFile(path)
     for i in range(pf.num_row_groups):
         group = pf.metadata.row_group(i)
         slices = max(1, math.ceil(group.total_byte_size / PART_BYTES))
@@ -429,11 +446,19 @@ def _check_hub(dataset: str) -> None:
 
 @contextmanager
 def _datasets_errors(dataset: str):
-    """`datasets`' failures as DataErrors: no connection, and no such dataset, config, split or files."""
+    """`datasets`' failures as DataErrors: no connection, a dataset card whose YAML does not parse, and no
+    such dataset, config, split or files."""
+    import yaml  # datasets reads the card's front matter with PyYAML
+
     try:
         yield
     except ConnectionError as e:
         raise _offline_error(dataset, str(e)) from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise DataError(f"The YAML front matter of {dataset}'s README.md does not parse ({problem}): `datasets` reads the dataset's configs from it. Fix the YAML "
+                        "between the two --- lines (its `configs:` list names each config's data files), or pass "
+                        "the files directly with --data-files.") from None
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"Cannot read {dataset} with `datasets` ({e}). --dataset takes a Hugging Face dataset "
                         "id or a directory laid out like one (data files, and a README.md whose `configs:` "

@@ -59,8 +59,12 @@ def pack_header(vocab_size: int, n_tokens: int, tokenizer_sha: str) -> bytes:
 def read_header(path: str | Path) -> ShardHeader:
     """Parse and check a shard's header against its file (magic, version, dtype, length)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_SIZE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+    except OSError as e:
+        raise ShardError(f"Cannot read the shard {path} ({e.strerror}): its data directory is incomplete or "
+                         "damaged. Re-run prepare.py with --overwrite.") from None
     if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
         raise ShardError(f"{path} is not a nanokor token shard (bad magic). Point the loader at a directory "
                          "written by prepare.py.")
@@ -195,7 +199,16 @@ class DataDir:
             raise DataError(f"{self.path} is not a prepared data directory: it has no meta.json (prepare.py writes "
                             "it last, so an interrupted run leaves none). Run `python prepare.py --dataset sample` "
                             "for data/sample, or point data_dir at the directory prepare.py wrote.")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            meta = f"{type(e).__name__}: {e}"
+        if not (isinstance(meta, dict) and isinstance(meta.get("shards"), dict)
+                and all(isinstance(meta["shards"].get(s), list) for s in SPLITS)):
+            reason = meta if isinstance(meta, str) else "it does not list the shards of each split"
+            raise DataError(f"{path} is damaged ({reason}): it is the index of the prepared data, written last "
+                            "by prepare.py. Re-run prepare.py with --overwrite to rebuild the directory.")
+        return meta
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

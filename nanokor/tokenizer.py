@@ -33,6 +33,7 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn delimiters
 IM_START_ID, IM_END_ID = 4, 5
 MAX_VOCAB = 65_535  # token ids are stored as uint16
+MIN_VOCAB = 256 + 4 + 1 + 1  # byte-fallback pieces, unk/bos/eos/pad, "\n", and at least one character
 DEFAULT_VOCAB = 32_000
 BYTES_PER_PIECE = 40  # automatic vocab: at most one piece per 40 bytes of training text (see auto_vocab_size)
 MAX_LINE_CHARS = 4_000  # SentencePiece skips sentences over max_sentence_length bytes; we cut them instead
@@ -46,8 +47,9 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except RuntimeError:
-            raise DataError("Not a SentencePiece model (it does not parse). Pass the tokenizer.model that "
-                            "prepare.py wrote.") from None
+            raise DataError("Not a SentencePiece model (it does not parse: truncated, or another kind of file). "
+                            "Pass the tokenizer.model that prepare.py wrote, or re-run prepare.py if it is "
+                            "damaged.") from None
         ids = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
         if ids != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):
             raise DataError(f"This SentencePiece model has special ids unk/bos/eos/pad = {ids}; nanokor needs "
@@ -57,7 +59,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        return cls(Path(path).read_bytes())
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise DataError(f"Cannot read the tokenizer {path} ({e.strerror}). Pass the path of a SentencePiece "
+                            ".model, such as the tokenizer.model prepare.py wrote.") from None
+        try:
+            return cls(data)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
 
     @cached_property
     def sha256(self) -> str:
@@ -157,7 +167,12 @@ def train_tokenizer(docs: list[str], *, vocab_size: int | None = None, model_typ
     except RuntimeError as e:
         message = str(e).split("] ")[-1]  # drop SentencePiece's source location
         limit = re.search(r"value <= (\d+)", message)
-        hint = f"pass --vocab-size {limit.group(1)} or less" if limit else "pass a different --vocab-size"
+        needed = re.search(r"required_chars\. \d+ vs (\d+)", message)
+        if needed:  # its advice names a SentencePiece option prepare.py does not have
+            message = (f"the text's characters, with the byte-fallback and special pieces, need {int(needed.group(1)):,} "
+                       "pieces.")
+        hint = (f"pass --vocab-size {limit.group(1)} or less" if limit else
+                f"pass --vocab-size {needed.group(1)} or more" if needed else "pass a different --vocab-size")
         raise DataError(f"SentencePiece cannot train a {vocab_size}-piece {model_type} vocabulary on this "
                         f"text ({len(docs)} documents): {message} Fix: {hint}, give it more text "
                         "(--tokenizer-sample-bytes, a larger corpus), or reuse a model with --tokenizer.") from None

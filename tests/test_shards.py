@@ -1,5 +1,6 @@
 import hashlib
 import os
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -78,6 +79,23 @@ def test_crash_before_rename_leaves_nothing_that_looks_complete(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DataError, match="no meta.json"):
         DataDir(tmp_path).shard_paths("train")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "meta.json").write_text('{"shards": {"train": ['), "meta.json is damaged .*JSONDecodeError"),
+    (lambda d: (d / "meta.json").write_bytes(b'{"a": "\xea"}'), "meta.json is damaged .*UnicodeDecodeError"),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json is damaged .*does not list the shards"),
+    (lambda d: (d / "val_000000.bin").unlink(), "Cannot read the shard .*val_000000.bin"),
+    (lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:5000]),
+     "tokenizer.model: Not a SentencePiece model .*re-run prepare.py"),
+])
+def test_a_damaged_data_directory_is_named_not_a_traceback(damage, message, sample_data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    damage(data)
+    with pytest.raises(DataError, match=message):  # each was a traceback (JSONDecodeError, KeyError, ...)
+        d = DataDir(data)
+        d.stream("train").close(), d.stream("val").close(), d.tokenizer
 
 
 def test_split_is_by_content_deterministic_and_near_the_fraction():
