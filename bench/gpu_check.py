@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from nanokor.atomic import atomic_write
+from nanokor.logger import read_metrics
 
 LOSS_DROP = 0.5  # nats the training loss must fall by (last 5 steps' mean against the first step's)
 TAIL_LINES = 15  # log lines shown in summary.md for a stage that did not succeed
@@ -200,12 +201,7 @@ def train_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
     for file in ("metrics.jsonl", "config.json"):  # into the logs, so the tarball carries them
         if (run / file).is_file():
             shutil.copy(run / file, work / "logs" / f"{name}.{file}")
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            pass
+    records = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     steps = [r for r in records if "loss" in r]
     if not steps:
         return {}, "no training step was logged", ""

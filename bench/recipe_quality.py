@@ -33,6 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nanokor.atomic import atomic_write
+from nanokor.logger import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ["--n_layer=6", "--d_model=256", "--n_head=4", "--d_ff=688", "--block_size=256", "--batch_size=16",
          "--grad_accum=1", "--device=cpu", "--dtype=fp32", "--compile=false", "--tie_embeddings=false",
@@ -102,7 +105,7 @@ def train(job: dict, core: str) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "step_time" in r]
     val = [r for r in records if "val_bpb" in r][-1]
     result = {"recipe": job["recipe"], "seed": job["seed"], "steps": len(steps), "flags": job["flags"],
@@ -110,7 +113,7 @@ def train(job: dict, core: str) -> dict:
               "final_train_loss": steps[-1]["loss"], "train_seconds": sum(r["step_time"] for r in steps),
               "median_step_s": statistics.median(r["step_time"] for r in steps[5:]),
               "wall_seconds": time.time() - t0, "core": core}
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(done, (json.dumps(result, indent=2) + "\n").encode())  # a cache a Ctrl-C never leaves torn
     print(f"  {job['recipe']:<16} seed {job['seed']} {len(steps)} steps: val bpb {result['val_bpb']:.4f}, "
           f"{result['median_step_s'] * 1e3:.0f} ms/step", flush=True)
     return result

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from nanokor.model import ModelConfig, Transformer
 from nanokor.config import load_config
+from nanokor.logger import read_metrics
 from nanokor.optim import build_optimizer
 from nanokor.tokenizer import Tokenizer
 
@@ -97,8 +98,7 @@ def train_py(args, data_dir: Path, out_dir: Path) -> list[dict]:
            f"--max_steps={args.steps}", f"--eval_interval={args.steps}", "--eval_tokens=65536",
            "--sample_tokens=16", "--warmup_steps=100", "--lr_factor=0.5", "--dropout=0", "--wandb_mode=disabled"]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)  # tqdm's bar (stderr) stays visible
-    lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r]
 
 
 def main():

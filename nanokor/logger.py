@@ -5,6 +5,11 @@ Rank 0 gets a `Logger`: a tqdm bar (loss, lr, tokens/s), `metrics.jsonl` in the 
 when asked for; a resumed run continues the same wandb run, whose id is kept in `wandb_run_id`.
 Every other rank gets a `NullLogger`, so the loop never asks "am I rank 0?" before logging.
 
+`read_metrics` is how everything else reads metrics.jsonl back (resume, plots, benchmarks). Lines are
+appended, so a kill -9, a full disk or a lost node mid-append leaves a torn last line, possibly cut
+inside a Hangul character (invalid UTF-8): it is skipped with a note, never an error, and the complete
+lines around it are kept; a resumed run rewrites the file without it before appending.
+
 wandb never stops a run: without the package or an API key it falls back (offline, or off), and an
 online start that cannot reach the server within its timeout falls back to offline.
 """
@@ -12,6 +17,7 @@ online start that cannot reach the server within its timeout falls back to offli
 import json
 import math
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -20,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanokor.atomic import atomic_write
-from nanokor.errors import ConfigError
+from nanokor.errors import ConfigError, TrainingError
 from nanokor.rundir import RunDir
 
 
@@ -28,7 +34,11 @@ class Logger:
     def __init__(self, run: RunDir, cfg, start_step: int, run_config: dict):
         self.path = run.metrics
         _drop_records_after(self.path, start_step)  # a resumed run rewrites the steps it repeats
-        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise TrainingError(f"Cannot write {self.path} ({e.strerror}). Make it a writable file (or remove it), "
+                                "or train into another --out_dir.") from None
         self.wandb = start_wandb(run, cfg, run_config, resuming=start_step > 0)
         self.total, self.start_step = cfg.max_steps, start_step
         self.bar = None  # opened at the first step, so the start-up messages print above it
@@ -94,20 +104,50 @@ def make_logger(run: RunDir, cfg, is_master: bool, start_step: int, run_config: 
     return Logger(run, cfg, start_step, run_config) if is_master else NullLogger()
 
 
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (a run's, or a copy of one), in file order. Lines that are not a
+    whole JSON object (a torn last line, a damaged one) are skipped with a note on stderr."""
+    return [record for _, record in _lines(Path(path).read_bytes(), path) if record is not None]
+
+
 def _drop_records_after(path: Path, step: int) -> None:
-    """Keep the records up to `step`; a torn last line (a crash mid-write) goes too."""
+    """Keep the records up to `step`, each line as it was; torn or damaged lines go too, and the file
+    ends in a newline again, so the next record starts a line of its own."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if (record := _parse_record(line)) is not None and record.get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write(path, "".join(kept).encode("utf-8"))
-
-
-def _parse_record(line: str) -> dict | None:
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TrainingError(f"Cannot read {path} ({e.strerror}). Make it a readable file, or move it aside to "
+                            "start the log afresh.") from None
+    kept = b"".join(raw for raw, record in _lines(data, path)
+                    if record is not None and _step(record) is not None and _step(record) <= step)
+    if kept != data:
+        atomic_write(path, kept)
+
+
+def _lines(data: bytes, path) -> list[tuple[bytes, dict | None]]:
+    """Each non-blank line as (its bytes with one newline, its record or None where the line is not a
+    whole JSON object). Split as bytes, so a cut through a multi-byte character spoils that line alone;
+    a note says how many lines could not be read, and whether the last was torn."""
+    lines = [(raw.rstrip(b"\r\n") + b"\n", _parse_record(raw)) for raw in data.splitlines(keepends=True)
+             if raw.strip()]
+    bad = [i for i, (_, record) in enumerate(lines) if record is None]
+    if bad:
+        torn = ", the last one torn (a write cut short, as by kill -9)" if bad[-1] == len(lines) - 1 else ""
+        print(f"note: skipped {len(bad)} unreadable line(s) of {path}{torn}.", file=sys.stderr)
+    return lines
+
+
+def _step(record: dict) -> int | float | None:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def _parse_record(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
         return None
     return record if isinstance(record, dict) else None
 
@@ -150,7 +190,10 @@ def wandb_run_id(run: RunDir, resuming: bool) -> str:
     """The wandb id of the run: the saved one when resuming, else a fresh one, saved."""
     path = run.wandb_id
     if resuming and path.is_file():
-        return path.read_text(encoding="utf-8").strip()
+        saved = path.read_bytes().decode("utf-8", "replace").strip()
+        if re.fullmatch(r"[\w-]{1,64}", saved):
+            return saved
+        warnings.warn(f"{path} does not hold a wandb run id ({saved[:40]!r}); this run logs to a new wandb run.")
     run_id = uuid.uuid4().hex[:12]
     atomic_write(path, (run_id + "\n").encode())
     return run_id

@@ -6,17 +6,19 @@
 
 matplotlib is an optional extra (pip install -e '.[plot]'), imported only when a figure is drawn.
 Curves tolerate what a live or older run leaves behind: missing keys, a half-written last line.
+Figures are written whole or not at all, in the format --out's suffix names (png, svg, pdf, ...).
 Attention tick labels need a font with Hangul glyphs; without one, the labels are romanized and the
 figure says so, rather than drawing empty boxes.
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
+from nanokor.atomic import atomic_write
 from nanokor.errors import PlotError, exit_on_error
+from nanokor.logger import read_metrics
 from nanokor.rundir import RunDir
 
 # (panel title, [(metrics key, legend suffix)]); a panel is drawn only when some run logged a key.
@@ -42,31 +44,15 @@ def _pyplot():
 
 # ---- training curves --------------------------------------------------------------------------
 
-def read_metrics(run_dir) -> list[dict]:
-    """The records of run_dir/metrics.jsonl. Lines that are not JSON objects (a write cut short by a
-    crash or a run still going) are skipped with a note rather than failing the plot."""
+def run_records(run_dir) -> list[dict]:
+    """The records of run_dir/metrics.jsonl (nanokor.logger.read_metrics: a torn last line, from a crash or a
+    run still writing, is skipped with a note), each with the tokens seen at its step where known."""
     path = RunDir(run_dir).metrics
     if not path.is_file():
         hint = "" if Path(run_dir).is_dir() else f" ({run_dir} is not a directory)"
         raise PlotError(f"No metrics.jsonl in {run_dir}{hint}. Pass the out directory of a training run "
                         "(train.py writes metrics.jsonl there as it logs), e.g. python -m nanokor.plot out/.")
-    records, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
-    if bad:
-        print(f"note: skipped {bad} unreadable line(s) in {path}", file=sys.stderr)
-    return _with_tokens(records)
+    return _with_tokens(read_metrics(path))
 
 
 def _with_tokens(records: list[dict]) -> list[dict]:
@@ -100,7 +86,7 @@ def _run_labels(run_dirs: list[Path]) -> list[str]:
 def metrics_figure(run_dirs):
     """A row per panel that has data, columns for x = step and x = tokens seen; runs overlaid."""
     run_dirs = [Path(d) for d in run_dirs]
-    runs = list(zip(_run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
+    runs = list(zip(_run_labels(run_dirs), (run_records(d) for d in run_dirs)))
     panels = [(title, keys) for title, keys in PANELS
               if any(_series(records, "step", key)[0] for _, records in runs for key, _ in keys)]
     if not panels:
@@ -139,12 +125,29 @@ def metrics_figure(run_dirs):
     return fig
 
 
-def save(fig, out_path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+def output_path(out, default_name: str) -> Path:
+    """Where a figure goes: `out` as given; a directory gets `default_name` inside it, and a name without
+    a suffix gets .png. Its suffix must be a format matplotlib writes, checked before anything is drawn."""
+    path = Path(out)
+    if path.is_dir():
+        path = path / default_name
+    elif not path.suffix:
+        path = path.with_suffix(".png")
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()  # png, svg, pdf, ...: what savefig can write
+    if path.suffix[1:].lower() not in formats:
+        raise PlotError(f"--out {out}: matplotlib cannot write {path.suffix!r} files. Use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))} (e.g. --out metrics.png).")
+    return path
+
+
+def save(fig, path: Path) -> Path:
+    """Write the figure whole or not at all (a temp file renamed, as every nanokor output)."""
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower(), dpi=120))
     _pyplot().close(fig)
-    return out_path
+    return path
 
 
 # ---- attention maps ---------------------------------------------------------------------------
@@ -276,17 +279,18 @@ def run(args) -> int:
         if not args.ckpt or args.text is None:
             raise PlotError("--attention needs --ckpt and --text, e.g. python -m nanokor.plot --attention "
                             "--ckpt out/last.pt --text \"한국어 문장입니다.\"")
+        path = output_path(args.out or Path(args.ckpt).with_name("attention.png"), "attention.png")
         fig, note = attention_figure(*_load(args.ckpt), args.text, args.layers)
-        path = save(fig, args.out or Path(args.ckpt).with_name("attention.png"))
+        save(fig, path)
         if note:
             print(f"note: {note}", file=sys.stderr)
     else:
         if not args.runs:
             raise PlotError("Pass at least one training out directory, e.g. python -m nanokor.plot out/ "
                             "(or --attention --ckpt out/last.pt --text ... for attention maps).")
-        fig = metrics_figure(args.runs)
-        path = save(fig, args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
-                                      else "metrics.png"))
+        path = output_path(args.out or (Path(args.runs[0]) / "metrics.png" if len(args.runs) == 1
+                                        else "metrics.png"), "metrics.png")
+        save(metrics_figure(args.runs), path)
     print(f"wrote {path}")
     return 0
 

@@ -162,3 +162,13 @@ def test_sinusoidal_model_is_refused_with_a_clear_message(tmp_path, tokenizer, c
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf")]) == 2
     assert "No checkpoint at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--gguf"]])
+def test_an_out_path_that_is_a_file_is_one_paragraph(extra, ckpt, tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "hf"):  # was a FileExistsError / NotADirectoryError traceback
+        assert main(["--ckpt", str(ckpt), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "taken is a file, not a directory" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "mine"

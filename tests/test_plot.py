@@ -70,6 +70,22 @@ def test_default_output_is_metrics_png_in_the_run_dir(tmp_path):
     assert (run / "metrics.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_out_names_a_format_matplotlib_writes(tmp_path, capsys):
+    run = write_run(tmp_path / "out", train_py_records(5), tail='{"step": 6, "loss": 4.')  # a live run's torn tail
+    assert plot.main([str(run), "--out", str(tmp_path / "curves.xyz")]) == 2  # was matplotlib's ValueError
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'.xyz'" in err and ".png" in err and ".svg" in err
+    assert not list(tmp_path.glob("curves*"))
+    assert plot.main([str(run), "--out", str(tmp_path / "curves")]) == 0  # no suffix: PNG, and said so
+    assert f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert plot.main([str(run), "--out", str(tmp_path), "--out", str(tmp_path / "c.svg")]) == 0
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    assert plot.main([str(run), "--out", str(tmp_path)]) == 0  # a directory: the default name inside it
+    out = capsys.readouterr()
+    assert (tmp_path / "metrics.png").is_file() and "torn" in out.err
+
+
 def test_missing_keys_drop_panels_instead_of_failing(tmp_path):
     run = write_run(tmp_path / "old", [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 6)]
                     + [{"step": "x", "loss": None}, ["not", "a", "dict"], {"loss": 1.0}])

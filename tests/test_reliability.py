@@ -1,9 +1,12 @@
 """Bad input and bad luck: a second run on a live out_dir, a full disk mid-checkpoint, a config file that
-does not parse, a text column that is not text, an output path that cannot be written, a zero budget.
-Each gets one paragraph that names the fix, and nothing on disk is damaged."""
+does not parse, a text column that is not text, an output path that cannot be written, a zero budget,
+torn or damaged files a run reads back (metrics.jsonl, wandb_run_id, DeepSpeed's `latest`), a file
+that is not parquet, a dataset card whose YAML does not parse. Each is skipped with a note or gets one
+paragraph that names the fix, and nothing on disk is damaged."""
 
 import errno
 import io
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +20,7 @@ import pytest
 from nanokor import atomic
 from nanokor.checkpoint import load_checkpoint
 from nanokor.config import load_config
-from nanokor.errors import CheckpointError, ConfigError, TrainingError
+from nanokor.errors import CheckpointError, ConfigError, DataError, TrainingError
 from test_train import TINY, _start, _wait_for, run, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +113,77 @@ def test_evaluate_refuses_a_zero_budget(ckpt, tmp_path):
     text.write_text("한국어 문장입니다.\n")
     proc = cli("-m", "nanokor.evaluate", "--ckpt", ckpt, "--data-files", text, "--max-tokens", "0")
     assert proc.returncode == 2 and "'all' to score every token" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- files a run reads back: torn or damaged, they are skipped or named, never a traceback -----------
+
+def test_read_metrics_keeps_every_whole_line_around_torn_ones(tmp_path, capsys):
+    from nanokor.logger import _drop_records_after, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 5.0}, {"step": 2, "sample": "한국어\u2028문장"}, {"step": 3, "loss": 4.0}]
+    lines = [json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records]
+    damaged = lines[0] + b'{"step": 2, "lo\xea\xb0\n' + lines[1] + lines[2] + '{"step": 4, "sample": "한'.encode()[:-1]
+    path.write_bytes(damaged)
+    assert read_metrics(path) == records  # U+2028 in a sample is not a line break either
+    assert "skipped 2 unreadable line(s)" in capsys.readouterr().err
+    _drop_records_after(path, 2)
+    assert path.read_bytes() == lines[0] + lines[1]
+    path.write_bytes(lines[0] + lines[1].rstrip(b"\n"))  # a whole record, cut just before its newline
+    _drop_records_after(path, 5)
+    assert path.read_bytes() == lines[0] + lines[1]  # the next record will start a line of its own
+
+
+def test_damaged_run_files_never_stop_a_resume(tmp_path, recwarn):
+    from nanokor.engine import resume_tag
+    from nanokor.logger import wandb_run_id
+    from nanokor.rundir import RunDir
+
+    run_dir = RunDir(tmp_path)
+    run_dir.wandb_id.write_bytes(b"ab\xea")  # not an id (written atomically, but a copy can be cut short)
+    fresh = wandb_run_id(run_dir, resuming=True)
+    assert len(fresh) == 12 and run_dir.wandb_id.read_text().strip() == fresh and "new wandb run" in str(recwarn[0])
+    ds = tmp_path / "deepspeed"
+    assert resume_tag(ds) is None  # nothing saved: DeepSpeed's own load reports it
+    for tag in ("step_0000002", "step_0000004"):
+        (ds / tag).mkdir(parents=True)
+    (ds / "latest").write_text("step_0000004")
+    assert resume_tag(ds) == "step_0000004"
+    (ds / "latest").write_text("")  # DeepSpeed rewrites `latest` in place: a kill can leave it empty
+    assert resume_tag(ds) == "step_0000002"  # the one a kill during the next save leaves whole
+
+
+def test_a_metrics_path_that_cannot_be_written_is_one_paragraph(sample_data_dir, tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(TrainingError, match="Cannot write .*metrics.jsonl"):
+        run(sample_data_dir, tmp_path, "--max_steps=1")
+
+
+def test_a_parquet_file_that_is_not_parquet_is_named(sample_data_dir, ckpt, tmp_path, capsys):
+    from nanokor.corpus import open_corpus
+    from nanokor.evaluate import main as evaluate
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": [f"한국어 문서 {i}번입니다. " * 30 for i in range(100)]}), good)
+    data = bytearray(good.read_bytes())
+    data[100:len(data) // 2] = b"\xff" * (len(data) // 2 - 100)  # pages damaged, footer whole
+    files = {"empty.parquet": b"", "text.parquet": b"not parquet\n", "pages.parquet": bytes(data)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=f"Cannot read {tmp_path / name} as parquet"):
+            list(open_corpus(data_files=[str(tmp_path / name)]).documents())
+    # prepare's workers read the pages (a reused tokenizer skips the sample read here); evaluate reads them too
+    prep = cli("prepare.py", "--data-files", tmp_path / "pages.parquet", "--tokenizer",
+               sample_data_dir / "tokenizer.model", "--num-proc", "2", "--out", tmp_path / "out")
+    one_paragraph(prep, "pages.parquet as parquet", "replace it")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert evaluate(["--ckpt", str(ckpt), "--data-files", str(tmp_path / "text.parquet")]) == 2
+    assert "text.parquet as parquet" in capsys.readouterr().err
+
+
+def test_a_dataset_card_whose_yaml_does_not_parse_is_one_paragraph(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds/README.md").write_text("---\nconfigs:\n- config_name: a\n  data_files: [a.jsonl\n---\n")
+    (tmp_path / "ds/a.jsonl").write_text('{"text": "한국어"}\n')
+    one_paragraph(cli("prepare.py", "--dataset", tmp_path / "ds", "--out", tmp_path / "out"),
+                  "YAML front matter", "README.md", "--data-files")
