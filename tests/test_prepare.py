@@ -16,6 +16,7 @@ import pytest
 from nanokor import shards
 from nanokor.corpus import HF_DATASET, HF_DATASET_SUBSETS, SAMPLE_DIR, DataError
 from nanokor.loader import TrainLoader
+from nanokor.prepare import warn_duplicate_subsets
 from nanokor.shards import DataDir, read_shard
 from nanokor.tokenizer import Tokenizer
 
@@ -121,11 +122,10 @@ def test_existing_output_is_refused_without_overwrite(sample_data_dir, tmp_path)
 
 @pytest.mark.parametrize("args, words", [
     (["--data-files", "no/such/*.parquet"], "matches no files"),
-    (["--dataset", "sample", "--vocab-size", "70000"], "65535"),
     (["--dataset", "sample", "--vocab-size", "60000"], "--vocab-size"),
-    (["--dataset", "sample", "--tokenizer", "missing.model"], "--tokenizer"),
+    (["--dataset", "sample", "--vocab-size", "300"], "--vocab-size 1541 or more"),
+    (["--dataset", "sample", "--tokenizer", "missing.model"], "Cannot read the tokenizer missing.model"),
     (["--dataset", "sample", "--tokenizer", "README.md"], "SentencePiece"),
-    (["--dataset", "sample", "--val-fraction", "1.5"], "--val-fraction"),
     (["--dataset", "no-such-dir"], "neither 'sample'"),
 ])
 def test_bad_input_is_one_clear_paragraph(args, words, tmp_path):
@@ -174,19 +174,33 @@ def test_an_interrupted_overwrite_keeps_the_old_data_whole(sample_data_dir, tmp_
             raise KeyboardInterrupt("killed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(prepare.os, "replace", killed_before_the_new_data_is_in_place)
+    monkeypatch.setattr(os, "replace", killed_before_the_new_data_is_in_place)
     with pytest.raises(KeyboardInterrupt):
         prepare.main([*argv, "--overwrite"])
     assert not out.exists() and DataDir(tmp_path / "out.old").meta == before  # moved aside, whole
-    monkeypatch.setattr(prepare.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert prepare.main([*argv, "--overwrite"]) == 0
     assert DataDir(out).meta["shards"] == before["shards"]
 
 
-def test_shard_size_must_be_positive(tmp_path):
-    proc = cli("--dataset", "sample", "--shard-tokens", "0", "--out", tmp_path / "out")
-    assert proc.returncode == 2 and "positive whole number" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("flag, value, words", [
+    ("--shard-tokens", "0", "positive whole number"),
+    ("--max-docs", "-1", "positive whole number"),  # was "no training text ...": the source blamed for the flag
+    ("--num-proc", "-2", "positive whole number"),  # was silently one process
+    ("--max-bytes", "0", "positive size"),  # was one document, silently
+    ("--tokenizer-sample-bytes", "0", "positive size"),
+    ("--vocab-size", "70000", "262 to 65535"),
+    ("--vocab-size", "10", "262 to 65535"),
+    ("--val-fraction", "1.5", "0 <= f < 1"),
+    ("--val-fraction", "nan", "not a finite number"),
+    ("--seed", "-1", "0 to 4,294,967,295"),  # was a SentencePiece traceback
+])
+def test_numeric_flags_are_checked_where_they_are_parsed(flag, value, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--dataset", "sample", flag, value, "--out", str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f"error: argument {flag}: " in last and words in last, last
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 HUB_README = """---
@@ -264,9 +278,9 @@ def test_a_dataset_directory_by_default_reads_every_config_in_turn_and_any_split
 
 
 def test_reading_korean_textbooks_mmlu_copies_is_warned_about(capsys):
-    prepare.warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": ["tiny-textbooks", "mmlu_all", "mmlu_anatomy"]})
+    warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": ["tiny-textbooks", "mmlu_all", "mmlu_anatomy"]})
     err = capsys.readouterr().err
     assert err.startswith("warning: 2 of the configs") and "KMMLU" in err and "default --subset" in err
-    prepare.warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": list(HF_DATASET_SUBSETS)})  # the default
-    prepare.warn_duplicate_subsets({"dataset": "/data/other", "subsets": ["mmlu_all"]})  # another dataset's own
+    warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": list(HF_DATASET_SUBSETS)})  # the default
+    warn_duplicate_subsets({"dataset": "/data/other", "subsets": ["mmlu_all"]})  # another dataset's own
     assert capsys.readouterr().err == ""
