@@ -1,6 +1,6 @@
 """Train a nanokor model. One loop, read top to bottom; everything else is a function it calls.
 
-    python prepare.py --dataset sample && python train.py config/tiny.py   # CPU quickstart
+    python train.py config/tiny.py                                          # CPU quickstart (prepares data/sample)
     torchrun --standalone --nproc_per_node=8 train.py config/base.py        # one 8-GPU node
     python train.py config/tiny.py --deepspeed=config/ds_zero2.json         # DeepSpeed ZeRO-2
     python train.py config/tiny.py --init_from=resume                       # continue out_dir/last.pt
@@ -22,13 +22,14 @@ from nanokor.config import TrainConfig, format_config, load_config, model_config
 from nanokor.device import estimate_mfu
 from nanokor.distributed import Env, all_reduce_sum, init_distributed, shutdown
 from nanokor.engine import build_engine, engine_class
-from nanokor.errors import CheckpointError, ConfigError, PromptError, TrainingError, exit_on_error
+from nanokor.errors import CheckpointError, ConfigError, NanokorError, PromptError, TrainingError, exit_on_error
 from nanokor.evaluate import evaluate_loss
 from nanokor.generate import encode_prompt, generate, room_to_generate
 from nanokor.loader import TrainLoader, ValBatches
 from nanokor.logger import make_logger
 from nanokor.model import Transformer
 from nanokor.optim import make_schedule
+from nanokor.prepare import SAMPLE_COMMAND, prepare_sample, sample_missing
 from nanokor.rundir import RunDir
 from nanokor.shards import DataDir
 
@@ -53,6 +54,9 @@ def train(cfg, env: Env) -> dict:
             raise ConfigError(f"{run} already holds a run (last.pt); starting from scratch would overwrite its "
                               "checkpoints and metrics. Continue it with --init_from=resume, train into another "
                               f"directory with --out_dir=..., or delete {run} to start over.")
+        if cfg.init_from == "resume" and not run.last.exists():
+            raise ConfigError(f"--init_from=resume: {run} holds no run to resume (no last.pt). Pass the --out_dir of "
+                              "the run to continue, or start a new one with --init_from=scratch (the default).")
         with opened_data(cfg, env) as (data, loader, val_batches):
             return train_loop(cfg, env, run, data, loader, val_batches)
 
@@ -72,6 +76,7 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
 
     # ---- resume: weights and optimizer, then the loader position and every RNG --------------
     state = resume(engine, loader, run, env) if cfg.init_from == "resume" else LoopState()
+    check_steps_left(cfg, run, state)  # before config.json, metrics.jsonl or wandb are touched
     nonfinite_run, saved_step = 0, state.step  # saved_step: the step last.pt holds (0: none yet)
     best = BestCheckpoints(run, cfg.keep_best, state.best)
 
@@ -162,29 +167,40 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
 
 @contextmanager
 def owned(run: RunDir, env: Env):
-    """Hold run's lock for the whole run. Rank 0 takes it; one all-reduce tells every rank whether it
-    could, so that all of them stop together instead of waiting on a rank that has left."""
-    error = None
-    if env.is_master:
-        try:
-            run.lock()
-        except TrainingError as e:
-            error = e
-    failed = all_reduce_sum(torch.tensor(float(error is not None), device=env.device)).item() > 0
-    if error is not None:
-        raise error
-    if failed:
-        raise TrainingError(f"rank 0 could not take {run} (see its message); every rank stops.")
+    """Hold run's lock for the whole run (rank 0 takes it; see `on_rank0`)."""
+    on_rank0(run.lock, env)
     try:
         yield
     finally:
         run.unlock()
 
 
+def on_rank0(fn, env: Env) -> None:
+    """Run `fn` on rank 0 while the others wait; one all-reduce tells every rank whether it worked, so
+    that all of them stop together instead of waiting on a rank that has left."""
+    error = None
+    if env.is_master:
+        try:
+            fn()
+        except NanokorError as e:
+            error = e
+    failed = all_reduce_sum(torch.tensor(float(error is not None), device=env.device)).item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise TrainingError("rank 0 failed (see its message); every rank stops.")
+
+
 @contextmanager
 def opened_data(cfg, env: Env):
     """The prepared data, the training loader and the validation batches (built once, checked now),
-    closed when the run ends."""
+    closed when the run ends. The embedded sample is prepared on first use (a fresh clone's first
+    `python train.py config/tiny.py` trains); any other missing data stays an error that says how to make it."""
+    if sample_missing(cfg.data_dir):
+        if env.is_master:
+            print(f"{cfg.data_dir} is not prepared yet: preparing the embedded Korean sample into it first "
+                  f"(`{SAMPLE_COMMAND}`, about a second)")
+        on_rank0(lambda: prepare_sample(cfg.data_dir), env)
     data = DataDir(cfg.data_dir)
     loader = TrainLoader(data, cfg.block_size, cfg.batch_size, rank=env.rank, world_size=env.world_size,
                          seed=cfg.seed, device=env.device)
@@ -227,6 +243,15 @@ def resume(engine, loader: TrainLoader, run: RunDir, env: Env) -> LoopState:
         print(f"warning: the checkpoint holds RNG states for {len(state.rng)} processes, this run has "
               f"{env.world_size}; dropout masks will differ from an uninterrupted run.", file=sys.stderr)
     return state
+
+
+def check_steps_left(cfg, run: RunDir, state: LoopState) -> None:
+    """A resumed run already at max_steps would train nothing: refuse it, rather than exit 0 having rewritten
+    config.json with a max_steps the run never reaches."""
+    if state.step >= cfg.max_steps:
+        raise ConfigError(f"{run} is already at step {state.step:,}, and max_steps is {cfg.max_steps:,}: there is "
+                          "nothing left to train, so nothing was run or written. To train further, raise it: "
+                          f"--init_from=resume --max_steps=N with N > {state.step:,}.")
 
 
 class StopSignal:
@@ -282,4 +307,4 @@ def save_last(engine, run: RunDir, state: LoopState, best: BestCheckpoints, load
 
 
 if __name__ == "__main__":
-    sys.exit(exit_on_error(main, error_code=1))
+    sys.exit(exit_on_error(main))

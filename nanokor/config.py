@@ -11,6 +11,7 @@ Unknown keys, wrongly typed values and out-of-range choices raise a ConfigError 
 
 import difflib
 import json
+import math
 import runpy
 import traceback
 import types
@@ -190,6 +191,11 @@ def _article(kind: type) -> str:
 def validate(cfg: TrainConfig) -> None:
     problems = [f"{key} must be one of {choices}, got {getattr(cfg, key)!r}"
                 for key, choices in CHOICES.items() if getattr(cfg, key) not in choices]
+    # nan passes every range check below (each comparison is False), so it is refused by name
+    problems += [f"{key} must be a finite number, got {getattr(cfg, key)}" for key, kind in TYPES.items()
+                 if kind is float and not math.isfinite(getattr(cfg, key))]
+    if not 0 <= cfg.seed < 2**63:  # rank r seeds torch with seed + r, which must fit 64 bits unsigned
+        problems.append(f"seed must be a whole number from 0 to 2**63 - 1, got {cfg.seed}")
     problems += [f"{key} must be positive, got {getattr(cfg, key)}" for key in POSITIVE if getattr(cfg, key) <= 0]
     if not 0 <= cfg.label_smoothing < 1:
         problems.append(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")

@@ -73,6 +73,17 @@ def test_unknown_key_in_a_file_names_the_file_and_lists_valid_keys(tmp_path):
     assert "Valid keys:" in message and "warmup_steps" in message and "label_smoothing" in message
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--lr_factor=nan", "lr_factor must be a finite number"),  # nan passed every range check: a traceback later
+    ("--muon_lr=inf", "muon_lr must be a finite number"),
+    ("--seed=-1", "seed must be a whole number from 0"),  # numpy refused it at the first batch
+    (f"--seed={2**64}", "seed must be a whole number from 0"),  # torch overflowed
+])
+def test_non_finite_numbers_and_seeds_beyond_64_bits_are_refused(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([flag])
+
+
 def test_wrong_type_in_a_file(tmp_path):
     with pytest.raises(ConfigError, match="batch_size .* must be an int .* got 8.5"):
         load_config([write(tmp_path, "batch_size = 8.5\n")])
@@ -81,7 +92,7 @@ def test_wrong_type_in_a_file(tmp_path):
 def test_cli_reports_unknown_key_without_a_traceback():
     proc = subprocess.run([sys.executable, "train.py", "config/tiny.py", "--no_such_key=1"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input; 1 is for a run that started and failed
     assert "Unknown config key 'no_such_key'" in proc.stderr and "Valid keys:" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -291,12 +291,51 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(sample_data_dir, tmp_path, m
     assert inits[2]["id"] != first["id"]
 
 
-def test_resume_drops_a_torn_metrics_line(sample_data_dir, tmp_path):
-    run(sample_data_dir, tmp_path, "--max_steps=1")
-    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"step": 2, "loss": 5.1')  # a crash mid-write
-    run(sample_data_dir, tmp_path, "--max_steps=2", "--init_from=resume")
-    assert sorted(train_records(tmp_path)) == [1, 2]  # every line parses
+def test_resume_drops_a_metrics_line_torn_inside_a_hangul_character(sample_data_dir, tmp_path, capsys):
+    run(sample_data_dir, tmp_path, "--max_steps=2", "--eval_interval=2", "--sample_prompt=한국어 문장은")
+    metrics = tmp_path / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    assert whole.endswith(b'"}\n') and "한국어".encode() in whole.splitlines()[-1]  # the eval sample, last
+    cut = whole.rindex("한".encode()) + 1  # kill -9 mid-append: the line ends inside a 3-byte syllable
+    metrics.write_bytes(whole[:cut])
+    with pytest.raises(UnicodeDecodeError):
+        metrics.read_text(encoding="utf-8")  # what made resume a traceback
+    run(sample_data_dir, tmp_path, "--max_steps=3", "--eval_interval=2", "--init_from=resume")
+    complete = whole[:whole.rindex(b"\n", 0, cut) + 1]
+    after = metrics.read_bytes()
+    assert after.startswith(complete)  # every complete line before the torn one, byte for byte
+    assert sorted(train_records(tmp_path)) == [1, 2, 3]  # and every line parses
+    assert "skipped 1 unreadable line(s)" in capsys.readouterr().err
+
+
+def test_resume_at_or_past_max_steps_is_refused_and_leaves_the_run_as_it_was(sample_data_dir, tmp_path):
+    run(sample_data_dir, tmp_path, "--max_steps=2")
+    files = ("config.json", "metrics.jsonl", "last.pt")
+    before = {name: (tmp_path / name).read_bytes() for name in files}
+    for max_steps in (2, 1):  # was: exit 0 having trained nothing, and config.json rewritten with max_steps
+        with pytest.raises(ConfigError, match=r"already at step 2, and max_steps is .*--max_steps=N with N > 2"):
+            run(sample_data_dir, tmp_path, f"--max_steps={max_steps}", "--init_from=resume")
+    assert before == {name: (tmp_path / name).read_bytes() for name in files}
+    assert ConfigError.exit_code == 2
+    with pytest.raises(ConfigError, match="holds no run to resume.*--init_from=scratch"):
+        run(sample_data_dir, tmp_path / "empty", "--max_steps=2", "--init_from=resume")
+
+
+def test_the_first_command_on_a_fresh_clone_prepares_the_sample_and_trains(sample_data_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ here: a fresh clone, where data_dir's default is data/sample
+    summary = train.main([*TINY, "--max_steps=1", "--out_dir=out"])
+    assert summary["step"] == 1
+    assert "preparing the embedded Korean sample" in capsys.readouterr().out
+    made, reference = DataDir(tmp_path / "data/sample"), DataDir(sample_data_dir)  # prepare.py --dataset sample's
+    assert made.meta["command"] == "python prepare.py --dataset sample"
+    assert made.meta["shards"] == reference.meta["shards"] and made.tokenizer_sha == reference.tokenizer_sha
+    for name in ("tokenizer.model", "train_000000.bin", "val_000000.bin"):
+        assert (made.path / name).read_bytes() == (reference.path / name).read_bytes()
+    # Other missing data keeps its error, and nothing is made for it.
+    with pytest.raises(DataError, match="no meta.json"):
+        train.main([*TINY, "--max_steps=1", "--out_dir=out2", "--data_dir=data/mine"])
+    assert not (tmp_path / "data/mine").exists()
 
 
 def test_evaluation_problems_stop_the_run_before_its_first_step(sample_data_dir, tmp_path):

@@ -17,11 +17,12 @@ from test_train import TINY, max_diff, run, train_records
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(data_dir, out_dir, *args, timeout=600):
-    """Two CPU processes; the timeout leaves room for DeepSpeed's one-time C++ op build."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+def torchrun(data_dir, out_dir, *args, timeout=600, cwd=REPO):
+    """Two CPU processes; the timeout leaves room for DeepSpeed's one-time C++ op build. data_dir None
+    leaves train.py's default (data/sample, under cwd)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           *TINY, *([f"--data_dir={data_dir}"] if data_dir else []), f"--out_dir={out_dir}", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -32,8 +33,13 @@ def test_ddp_on_two_processes_matches_one_process_on_the_global_batch(sample_dat
     # Per-rank batch 2 x 2 ranks = 8 sequences per step with grad_accum 2, as one process with batch 4.
     # Muon orthogonalizes the all-reduced gradient, so every rank takes the single process's step.
     common = ["--max_steps=4", "--grad_accum=2", "--eval_interval=2", f"--optimizer={optimizer}"]
-    proc = torchrun(sample_data_dir, tmp_path / "ddp", "--batch_size=2", *common)
+    # The Muon run starts where data/sample is missing (a fresh clone): rank 0 prepares it while rank 1
+    # waits, and the data must be exactly prepare.py --dataset sample's for the comparison below to hold.
+    fresh = optimizer == "muon"
+    proc = torchrun(None if fresh else sample_data_dir, tmp_path / "ddp", "--batch_size=2", *common,
+                    cwd=tmp_path if fresh else REPO)
     assert "2 x cpu, fp32, DDP" in proc.stdout
+    assert proc.stdout.count("reading the embedded Korean sample") == fresh  # one rank prepared, once
     run(sample_data_dir, tmp_path / "single", "--batch_size=4", *common)
     # torch.optim.Muon orthogonalizes in bfloat16, where the last-bit differences of another summation
     # order can round the other way: ~1e-4 per step, against Muon steps of ~1e-2 per weight, which is
