@@ -181,13 +181,28 @@ class DeepSpeedEngine:
     def resume(self, run: RunDir) -> LoopState:
         if run.last.is_file():  # DeepSpeed's own load would fail on a shape mismatch with a bare traceback
             check_architecture(load_checkpoint(run.last, mmap=True)["model_config"], self.module.config, run.last)
-        path, client_state = self.engine.load_checkpoint(str(run.deepspeed))
+        path, client_state = self.engine.load_checkpoint(str(run.deepspeed), tag=resume_tag(run.deepspeed))
         if path is None:
             raise ConfigError(f"--init_from=resume found no DeepSpeed checkpoint under {run.deepspeed}. Resume with "
                               "the same --out_dir (and --deepspeed) as the run that wrote it, or start with "
                               "--init_from=scratch.")
         check_architecture(client_state["model_config"], self.module.config, path)
         return LoopState.from_checkpoint(client_state)
+
+
+def resume_tag(ds_dir: Path) -> str | None:
+    """The DeepSpeed checkpoint to resume: the one `latest` names. DeepSpeed writes that file in place after
+    each save, so a kill can leave it empty or torn; then the oldest step_* directory, the one a kill
+    during the next save leaves whole (the older is deleted only once the newer is complete and `latest`
+    names it). None when there is none: DeepSpeed's own load then reports no checkpoint."""
+    try:
+        tag = (ds_dir / "latest").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        tag = ""
+    if tag and (ds_dir / tag).is_dir():
+        return tag
+    saved = sorted(p.name for p in ds_dir.glob("step_*") if p.is_dir())
+    return saved[0] if saved else None
 
 
 DS_AUTO = {  # DeepSpeed key path -> the TrainConfig it must agree with ("auto" in the JSON fills it in)
