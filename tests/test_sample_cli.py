@@ -192,6 +192,7 @@ def wrong_version(path, ckpt):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "No checkpoint at"),
+    ("directory", "It is a directory; the checkpoint in it is"),
     ("corrupt", "Could not read"),
     ("version", "format version 99"),
     ("empty_prompt", "tokenizes to nothing"),
@@ -202,6 +203,7 @@ def wrong_version(path, ckpt):
 def test_bad_input_is_a_one_paragraph_error(case, message, ckpt, tmp_path, monkeypatch, capsys):
     args = {
         "missing": ["--ckpt", tmp_path / "none.pt"],
+        "directory": ["--ckpt", ckpt.parent],
         "corrupt": ["--ckpt", corrupt(tmp_path / "bad.pt")],
         "version": ["--ckpt", wrong_version(tmp_path / "v99.pt", ckpt)],
         "empty_prompt": ["--ckpt", ckpt, "--prompt", ""],
@@ -214,6 +216,7 @@ def test_bad_input_is_a_one_paragraph_error(case, message, ckpt, tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2 and text == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert "weights_only" not in err  # torch's advice to load a damaged file unsafely is not passed on
 
 
 @pytest.mark.parametrize("flag, value", [("--top-p", "1.5"), ("--temperature", "-1"), ("--top-k", "-1"),
