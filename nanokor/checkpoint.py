@@ -68,7 +68,8 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
         reason = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
         raise CheckpointError(f"Could not read {path} as a checkpoint ({type(e).__name__}: {reason}). The file is "
                               "corrupt, truncated (a copy cut short?), or not a nanokor checkpoint; use another "
-                              "checkpoint such as a best-*.pt beside it.") from None
+                              "checkpoint such as a best-*.pt beside it (to resume from one, copy it over "
+                              "last.pt).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a nanokor checkpoint (no '{FORMAT}' tag). Pass a file written by "
                               "nanokor's train.py.")

@@ -8,13 +8,17 @@
 The lock is an flock on `.lock`, held for the whole run: a second train.py on the same directory is
 refused at once with the owner's pid, host and start time, which the owner writes into the file. The
 kernel releases an flock when its process dies, however it dies, so a killed run never leaves a lock
-that blocks the next one; the stale owner line is simply overwritten.
+that blocks the next one; the stale owner line is simply overwritten. The new owner also removes the
+temporary files (`.last.pt.tmp-<pid>`, a checkpoint's size) that a run killed mid-write left behind:
+no live process can be writing them, since train.py writes these files only while holding the lock.
 """
 
 import fcntl
 import json
 import os
+import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +64,18 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, owner.encode() + b"\n", 0)
         self._lock_fd = fd
+        self._remove_partial_writes()
+
+    def _remove_partial_writes(self) -> None:
+        """Delete what an atomic write of one of the run's files left when its process was killed."""
+        own = {p.name for p in (self.config, self.metrics, self.last, self.best_json, self.wandb_id)}
+        for tmp in self.path.glob(".*.tmp-*"):
+            target = tmp.name[1:].rsplit(".tmp-", 1)[0]
+            if tmp.is_file() and (target in own or re.fullmatch(r"best-\d+\.pt", target)):
+                size = tmp.stat().st_size
+                tmp.unlink(missing_ok=True)
+                print(f"note: removed {tmp.name} ({size / 1e6:.1f} MB), a write of {target} cut short by a "
+                      "killed run", file=sys.stderr)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

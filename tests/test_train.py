@@ -238,6 +238,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_last_pt(sample_dat
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["step"] == 2 and max_diff(ckpt["model"], before) == 0.0
     assert run(sample_data_dir, tmp_path, "--max_steps=3", "--init_from=resume")["step"] == 3
+    assert not list(tmp_path.glob(".last.pt.tmp-*"))  # the half-written file is removed by the next owner
 
 
 def unigram_entropy(data_dir) -> float:
