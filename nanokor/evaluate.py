@@ -200,6 +200,8 @@ def run(args) -> int:
             "files)"), ("tokens scored", f"{result['tokens']:,}"), ("bytes scored", f"{result['bytes']:,}"),
             ("loss (nats/token)", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.2f}"),
             ("bits per byte", f"{result['bpb']:.4f}")]
+    if corpus.counts:  # e.g. a jsonl line cut short: skipped, and said so rather than only in the JSON
+        rows.append(("skipped in reading", ", ".join(f"{k} {v:,}" for k, v in sorted(corpus.counts.items()))))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"wrote {out}")
