@@ -121,7 +121,7 @@ def task_limit(text: str) -> int | float:
         value = float(text)
     except ValueError:
         value = 0
-    if not value > 0:
+    if not 0 < value < math.inf:  # nan and inf too
         raise argparse.ArgumentTypeError(f"{text!r} is not a limit: pass a number of examples such as 100, "
                                          "or a fraction such as 0.1")
     return int(value) if value >= 1 else value

@@ -115,3 +115,13 @@ def test_bad_input_is_a_one_paragraph_error(args, message, ckpt, text_file, tmp_
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the progress bar, if scoring had started
     assert last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "inf"),  # was an OverflowError traceback
+                                         ("--limit", "nan"), ("--seq-len", "0"), ("--batch-size", "-1"),
+                                         ("--num-fewshot", "-1"), ("--max-tokens", "0")])
+def test_numeric_flags_are_refused_by_name_where_parsed(flag, value, ckpt, capsys):
+    what = ["--tasks", "copa"] if flag in ("--limit", "--num-fewshot") else ["--data-files", "x.txt"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(ckpt), *what, flag, value])
+    assert exit_info.value.code == 2 and f"error: argument {flag}: " in capsys.readouterr().err
