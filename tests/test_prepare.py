@@ -284,3 +284,15 @@ def test_reading_korean_textbooks_mmlu_copies_is_warned_about(capsys):
     warn_duplicate_subsets({"dataset": HF_DATASET, "subsets": list(HF_DATASET_SUBSETS)})  # the default
     warn_duplicate_subsets({"dataset": "/data/other", "subsets": ["mmlu_all"]})  # another dataset's own
     assert capsys.readouterr().err == ""
+
+
+def test_side_by_side_first_runs_prepare_the_sample_once(tmp_path):
+    """A sweep started on a fresh clone: every run finds data/sample missing; one prepares it, the others
+    wait on the lock and find it done (without it, one would delete the other's <out>.partial)."""
+    code = ("import sys; from nanokor.prepare import prepare_sample; "
+            "print('made' if prepare_sample(sys.argv[1]) else 'found')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data" / "sample")], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = sorted(p.communicate(timeout=120)[0].split()[-1] for p in procs)
+    assert outcomes == ["found", "found", "made"] and all(p.returncode == 0 for p in procs)
+    assert DataDir(tmp_path / "data" / "sample").meta["command"] == "python prepare.py --dataset sample"
