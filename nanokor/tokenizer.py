@@ -33,7 +33,8 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML's turn delimiters
 IM_START_ID, IM_END_ID = 4, 5
 MAX_VOCAB = 65_535  # token ids are stored as uint16
-MIN_VOCAB = 256 + 4 + 1 + 1  # byte-fallback pieces, unk/bos/eos/pad, "\n", and at least one character
+# byte-fallback pieces, the special and ChatML ids, "\n", and at least one character of text
+MIN_VOCAB = 256 + len((UNK_ID, BOS_ID, EOS_ID, PAD_ID, IM_START_ID, IM_END_ID)) + 1 + 1
 DEFAULT_VOCAB = 32_000
 BYTES_PER_PIECE = 40  # automatic vocab: at most one piece per 40 bytes of training text (see auto_vocab_size)
 MAX_LINE_CHARS = 4_000  # SentencePiece skips sentences over max_sentence_length bytes; we cut them instead
