@@ -237,6 +237,17 @@ class KVCache:
         end = int(self.pos) + k.size(2)  # eager, e.g. a prefill: reading pos costs one sync per forward
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None
 
+    def keep(self, n: int, source: "KVCache | None" = None) -> None:
+        """Keep the first n cached positions (copied from `source`, another cache of the same batch and
+        dtype, if given): the next forward writes after them. Entries past n are never read again."""
+        if source is not None:
+            for dst, src in zip((*self.k, *self.v), (*source.k, *source.v)):
+                dst[:, :, :n].copy_(src[:, :, :n])
+        if self.static:
+            self.pos.fill_(n)
+        else:
+            self.pos = n
+
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     """Boolean mask (q_len, kv_len), True where attention is allowed; queries are the last q_len keys."""

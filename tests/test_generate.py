@@ -279,3 +279,71 @@ def test_invalid_arguments_are_one_clear_error(model):
     idx = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"temperature must be >= 0.*top_p must be in \(0, 1\]"):
         next(generate(model, idx, 5, temperature=-1, top_p=1.5))
+
+
+# ---- continuing a cache: a prompt that starts with what the decoder holds prefills only the rest ----
+
+def prefill_lengths(model):
+    """Records the length of every forward's input: the prefill's, then 1 per step."""
+    lengths = []
+    return lengths, model.embed_tokens.register_forward_hook(lambda mod, args, out: lengths.append(args[0].shape[1]))
+
+
+def continue_and_compare(decoder, model, prompt: list[int], steps: int) -> tuple[list[int], int]:
+    """Greedy tokens from `decoder` (which may reuse its cache) and the length it prefilled; the tokens
+    must equal a fresh decoder's full prefill of the same ids, and the argmax of full forwards."""
+    lengths, hook = prefill_lengths(model)
+    try:
+        ours = run(decoder, torch.tensor([prompt]), steps, temperature=0)
+    finally:
+        hook.remove()
+    idx = torch.tensor([prompt])
+    assert torch.equal(ours, run(Decoder(model, decoder.mode), idx, steps, temperature=0))
+    assert torch.equal(ours, reference_greedy(model, idx, steps))
+    return ours[0].tolist(), lengths[0]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_a_continued_conversation_prefills_only_its_new_tokens_and_equals_a_full_prefill(mode, compile_spy):
+    model = tiny_model(VOCAB)
+    decoder = Decoder(model, mode)
+    ids = lambda n, seed: torch.randint(6, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # noqa: E731
+    first = ids(13, 1)
+    reply, prefilled = continue_and_compare(decoder, model, first, 20)
+    assert prefilled == 13
+    # The next turn: the conversation so far (the reply's own ids), then new ones. The reply's last token
+    # was yielded, never fed, so it is prefilled with the new part.
+    second = first + reply + ids(7, 2)
+    _, prefilled = continue_and_compare(decoder, model, second, 20)
+    assert prefilled == 1 + 7
+    # A prompt that diverges at position 5 reuses the five before it; an identical one all but its last.
+    third = second[:5] + ids(30, 3)
+    _, prefilled = continue_and_compare(decoder, model, third, 10)
+    assert prefilled == len(third) - 5
+    _, prefilled = continue_and_compare(decoder, model, third, 10)
+    assert prefilled == 1
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_a_conversation_that_outgrows_its_cache_bucket_carries_the_cache_over(mode, compile_spy):
+    model = tiny_model(VOCAB, max_seq_len=1024)
+    decoder = Decoder(model, mode)
+    prompt = torch.randint(6, VOCAB, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    reply, _ = continue_and_compare(decoder, model, prompt, 40)  # 240 positions: the 256 bucket
+    longer = prompt + reply + [7] * 30
+    _, prefilled = continue_and_compare(decoder, model, longer, 40)  # 310 + 40: the 512 bucket
+    assert prefilled == 31
+    assert sorted(length for _, length, _ in decoder._caches) == ([512] if mode == "eager" else [256, 512])
+
+
+def test_a_generation_left_early_keeps_what_it_fed_and_batches_start_afresh(model):
+    decoder = Decoder(model)
+    prompt = [1, 9, 8, 7, 6]
+    tokens = generate(decoder, torch.tensor([prompt]), 30, temperature=0)
+    taken = [next(tokens).item() for _ in range(4)]
+    tokens.close()  # the reader left after 4 tokens: 3 of them were fed
+    _, prefilled = continue_and_compare(decoder, model, prompt + taken + [11, 12], 5)
+    assert prefilled == 3
+    run(decoder, torch.zeros(2, 4, dtype=torch.long), 3, temperature=0)  # a batch of two holds no record
+    _, prefilled = continue_and_compare(decoder, model, prompt + taken + [11, 12], 5)
+    assert prefilled == len(prompt) + 6
