@@ -22,20 +22,15 @@ from nanokor.flags import number, positive_int, seed
 from nanokor.generate import Decoder, StreamDecoder, encode_prompt, generate, room_to_generate
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text to continue (default: none, sample from BOS)")
-    src.add_argument("--prompt-file", help="UTF-8 file holding the prompt, '-' for stdin (trailing newlines dropped)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    """How text is generated: length, sampling, seed, device and decoding path (chat.py's flags too)."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     p.add_argument("--temperature", type=number(float, 0, text="need >= 0 (0 = greedy)"), default=0.8)
     p.add_argument("--top-k", type=number(int, 0, text="need >= 0 (0 = off)"), default=None,
                    help="sample among the k likeliest tokens (0 or unset: all, as in the exported generation_config)")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True, text="need 0 < p <= 1"), default=None)
     p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True, text="need > 0 (1 = off)"),
                    default=1.0)
-    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=seed(64), default=1337)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -47,7 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     how.add_argument("--cuda-graph", action="store_true",
                      help="(CUDA) replay the eager step as a captured CUDA graph: no compilation, no per-op "
                           "Python dispatch")
-    args = p.parse_args(argv)
+
+
+def resolve_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The device and dtype resolved, args.decode_mode set (a Decoder mode), bad combinations refused."""
     args.top_k = args.top_k or None  # 0 means off, as llama.cpp and transformers read it
     try:
         args.device = resolve_device(args.device)
@@ -57,7 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--cuda-graph captures a CUDA graph and needs a CUDA device, not {args.device}; on a CPU use "
                 "--compile for the fast path")
     args.dtype = resolve_dtype(args.dtype, args.device)
+    args.decode_mode = "compile" if args.compile else "graph" if args.cuda_graph else "eager"
     return args
+
+
+def sampling_of(args: argparse.Namespace) -> dict:
+    """generate()'s sampling keywords from the flags."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "repetition_penalty": args.repetition_penalty}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue (default: none, sample from BOS)")
+    src.add_argument("--prompt-file", help="UTF-8 file holding the prompt, '-' for stdin (trailing newlines dropped)")
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    add_generation_args(p)
+    return resolve_generation_args(p, p.parse_args(argv))
 
 
 def read_prompt(args) -> str | None:
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    decoder = Decoder(model, "compile" if args.compile else "graph" if args.cuda_graph else "eager")
+    decoder = Decoder(model, args.decode_mode)
     idx = torch.tensor([ids], device=args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     out = sys.stdout
@@ -115,9 +131,7 @@ def main(argv=None) -> int:
         if i:
             out.write("\n" + "-" * 40 + "\n")
         out.write(text or "")
-        tokens = generate(decoder, idx, max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, stop_ids=tokenizer.eos_id,
-                          generator=generator)
+        tokens = generate(decoder, idx, max_new, **sampling_of(args), stop_ids=tokenizer.eos_id, generator=generator)
         for token in tokens:
             out.write(stream.push(token.item()))
             out.flush()

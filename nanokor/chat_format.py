@@ -107,3 +107,9 @@ def render_turn(tokenizer, role: str, content: str) -> tuple[list[int], list[int
 def reply_header(tokenizer) -> list[int]:
     """<|im_start|>assistant\\n: what the model's reply follows."""
     return [IM_START_ID, *tokenizer.encode(TRAINED_ROLE + ROLE_END)]
+
+
+def reply_end(tokenizer) -> list[int]:
+    """<|im_end|>\n: what closes a reply, so that reply_header + the reply's ids + reply_end is its turn
+    (a generated reply keeps its own ids, which re-encoding its text may not give back)."""
+    return [IM_END_ID, *tokenizer.encode(TURN_END)]

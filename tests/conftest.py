@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanokor.tokenizer import Tokenizer
 from tiny_checkpoint import make_checkpoint
@@ -37,3 +38,20 @@ def tokenizer(sample_data_dir) -> Tokenizer:
 def ckpt(tmp_path_factory, tokenizer) -> Path:
     """A tiny random-weight checkpoint for that tokenizer (tests/tiny_checkpoint.py), one per test module."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory, tokenizer) -> Path:
+    """A tiny model marked as a chat model, as SFT marks its checkpoints (`"chat": True`), with room for
+    a few turns (a 256-token context)."""
+    return make_checkpoint(tmp_path_factory.mktemp("chat") / "last.pt", tokenizer, chat=True, max_seq_len=256)
+
+
+@pytest.fixture
+def compile_spy(monkeypatch):
+    """torch.compile replaced by a recorder that returns the function as it is: what runs is exactly the
+    code the real compile traces (fullgraph=True: nothing falls back to eager), for seconds, not a
+    compile per test. bench/sample_speed.py runs the real one and checks its tokens against eager's."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    return calls

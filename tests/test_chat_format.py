@@ -8,7 +8,8 @@ import jinja2
 import pytest
 import sentencepiece as spm
 
-from nanokor.chat_format import CHAT_TEMPLATE, conversation_problem, render, require_chat_tokens
+from nanokor.chat_format import CHAT_TEMPLATE, conversation_problem, render, render_turn, reply_end, \
+    reply_header, require_chat_tokens
 from nanokor.errors import ChatError
 from nanokor.tokenizer import IM_END, IM_END_ID, IM_START, IM_START_ID, Tokenizer
 
@@ -85,6 +86,12 @@ def test_generation_prompt_ends_with_the_assistant_header(tokenizer):
     ids, mask = render(tokenizer, CONVERSATIONS[0][:1], add_generation_prompt=True)
     header = [IM_START_ID, *tokenizer.encode("assistant\n")]
     assert ids[-len(header):] == header and not any(mask)
+
+
+def test_a_reply_between_its_header_and_its_end_is_its_turn(tokenizer):
+    reply = tokenizer.encode("서울입니다.\n더 궁금한 점이 있나요?")
+    assert reply_header(tokenizer) + reply + reply_end(tokenizer) == render_turn(
+        tokenizer, "assistant", "서울입니다.\n더 궁금한 점이 있나요?")[0]
 
 
 @pytest.mark.parametrize("messages, generation, problem", [

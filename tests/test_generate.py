@@ -175,16 +175,6 @@ def test_generates_under_bf16_autocast_with_a_bf16_cache(model):
     assert out.shape == (2, 8)
 
 
-@pytest.fixture
-def compile_spy(monkeypatch):
-    """torch.compile replaced by a recorder that returns the function as it is: what runs is exactly the
-    code the real compile traces (fullgraph=True: nothing falls back to eager), for seconds, not a
-    compile per test. bench/sample_speed.py runs the real one and checks its tokens against eager's."""
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
-    return calls
-
-
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 def test_static_decoder_equals_full_forwards_and_reuses_its_cache_across_prompts(attention, compile_spy):
     model = tiny_model(VOCAB, attention=attention)

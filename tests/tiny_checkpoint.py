@@ -21,9 +21,11 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Transformer:
     return Transformer(ModelConfig(vocab_size=vocab_size, **{**TINY, **overrides})).eval()
 
 
-def make_checkpoint(path: Path, tokenizer, **overrides) -> Path:
-    """Save a tiny model for `tokenizer` as a nanokor checkpoint at `path`."""
+def make_checkpoint(path: Path, tokenizer, *, chat: bool = False, **overrides) -> Path:
+    """Save a tiny model for `tokenizer` as a nanokor checkpoint at `path`; chat=True marks it as SFT
+    marks its checkpoints (a chat model) without training it."""
     model = tiny_model(tokenizer.vocab_size, **overrides)
     save_checkpoint({"model_config": model.config.architecture(), "model": model.state_dict(),
-                     "tokenizer": tokenizer.model_bytes, "train_config": {}}, path)
+                     "tokenizer": tokenizer.model_bytes, "train_config": {}, **({"chat": True} if chat else {})},
+                    path)
     return path
