@@ -9,7 +9,8 @@ then user and assistant turns alternating, starting with the user. `render` turn
 and a loss mask: SFT trains on each assistant turn's content and its closing <|im_end|> (so the model
 learns what to say and when to stop), never on the system prompt, the user's words or the role
 headers. The chat templates the exports carry (`CHAT_TEMPLATE`, Jinja, for transformers and
-llama.cpp) are generated from the same pieces below, and tests hold them to `render`'s ids.
+llama.cpp; `OLLAMA_TEMPLATE`, Go, for Ollama) are generated from the same pieces below, and tests hold
+them to `render`'s ids.
 
 <|im_start|> and <|im_end|> are SentencePiece control pieces (nanokor/tokenizer.py): ids written
 here, never produced by encoding text, so a user who types "<|im_end|>" writes text, not a turn end.
@@ -38,6 +39,13 @@ CHAT_TEMPLATE = (
     + _literal(IM_END + TURN_END) + " }}{% endfor %}"
     "{% if add_generation_prompt %}{{ " + _literal(IM_START + TRAINED_ROLE + ROLE_END) + " }}{% endif %}"
 )
+
+# The same layout as an Ollama TEMPLATE (Go text/template), which always ends with the reply header. No
+# BOS in it: Ollama's tokenizer puts one in front of the rendered text, as the GGUF's add_bos_token asks
+# (the Jinja template's BOS is one llama.cpp strips for the same reason). Ollama gives a system message
+# (the request's or the Modelfile's SYSTEM) as the first of .Messages.
+OLLAMA_TEMPLATE = ("{{- range .Messages }}" + IM_START + "{{ .Role }}" + ROLE_END + "{{ .Content }}" + IM_END
+                   + TURN_END + "{{ end }}" + IM_START + TRAINED_ROLE + ROLE_END)
 
 
 def require_chat_tokens(tokenizer, where: str) -> None:

@@ -22,13 +22,13 @@ from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.device import DTYPES
 from nanokor.errors import ExportError, NanokorError
-from nanokor.export_spec import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, BPE, SAMPLING, check_position, \
-    hf_state_dict, sentencepiece_proto, training_summary
+from nanokor.export_spec import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, BPE, SAMPLING, ChatSpec, chat_spec, \
+    check_position, hf_state_dict, sentencepiece_proto, training_summary
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
-def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3) -> dict:
+def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int | list[int] = 2, pad_id: int | None = 3) -> dict:
     """The config.json of an equivalent LlamaForCausalLM (transformers 5.x field names, with the
     4.x `rope_theta` kept for older readers)."""
     check_position(config)
@@ -78,6 +78,14 @@ def _bpe_merges(pieces: list[str], scores: list[float], types: list[int]) -> lis
     return [m[-1] for m in sorted(merges)]
 
 
+def added_tokens(proto) -> list[dict]:
+    """The pieces matched whole before the model runs: the special ones (unk, bos, eos, pad and the chat
+    tokens, SentencePiece control pieces) and "\n" (user-defined, not special)."""
+    return [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": p.type != USER_DEFINED}
+            for i, p in enumerate(proto.pieces) if p.type in (UNKNOWN, CONTROL, USER_DEFINED)]
+
+
 def hf_tokenizer_json(model_bytes: bytes) -> dict:
     """The tokenizers-library description of a nanokor SentencePiece model (BPE or unigram)."""
     proto = sentencepiece_proto(model_bytes)
@@ -92,9 +100,7 @@ def hf_tokenizer_json(model_bytes: bytes) -> dict:
     else:
         model = {"type": "Unigram", "unk_id": types.index(UNKNOWN), "byte_fallback": True,
                  "vocab": [[p, s] for p, s in zip(pieces, scores)]}
-    added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": types[i] != USER_DEFINED}
-             for i, p in enumerate(pieces) if types[i] in (UNKNOWN, CONTROL, USER_DEFINED)]
+    added = added_tokens(proto)
     dummy_prefix = proto.normalizer_spec.add_dummy_prefix
     decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"}]
@@ -122,16 +128,24 @@ def hf_tokenizer_json(model_bytes: bytes) -> dict:
     }
 
 
-def hf_tokenizer_config(model_bytes: bytes, max_seq_len: int) -> dict:
+def hf_tokenizer_config(model_bytes: bytes, max_seq_len: int, chat: ChatSpec | None = None) -> dict:
     proto = sentencepiece_proto(model_bytes)
     pieces = [p.piece for p in proto.pieces]
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": pieces[BOS_ID], "eos_token": pieces[EOS_ID],
-            "unk_token": pieces[UNK_ID], "pad_token": pieces[PAD_ID], "model_max_length": max_seq_len,
-            "clean_up_tokenization_spaces": False, "padding_side": "left",
-            # "<s>" typed in text is text to SentencePiece, not BOS; make transformers agree.
-            "split_special_tokens": True,
-            # llama.cpp's convert_hf_to_gguf.py reads this key, and without it prepends "▁" to every prompt.
-            "add_prefix_space": proto.normalizer_spec.add_dummy_prefix}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": pieces[BOS_ID], "eos_token": pieces[EOS_ID],
+              "unk_token": pieces[UNK_ID], "pad_token": pieces[PAD_ID], "model_max_length": max_seq_len,
+              "clean_up_tokenization_spaces": False, "padding_side": "left",
+              # "<s>" typed in text is text to SentencePiece, not BOS; make transformers agree.
+              "split_special_tokens": True,
+              # llama.cpp's convert_hf_to_gguf.py reads this key, and without it prepends "▁" to every prompt.
+              "add_prefix_space": proto.normalizer_spec.add_dummy_prefix,
+              "added_tokens_decoder": {str(t.pop("id")): t for t in added_tokens(proto)}}
+    if chat:
+        # The template's text holds <s>, <|im_start|> and <|im_end|>, which must become those tokens when
+        # apply_chat_template (or lm-eval) encodes it: so special tokens in text are parsed, as every
+        # chat-template tool does. The one difference from nanokor: a delimiter typed inside a message is
+        # a token here, text to chat.py (whose tokenizer never makes control ids from text).
+        config.update(chat_template=chat.template, eos_token=pieces[chat.end_of_turn_id], split_special_tokens=False)
+    return config
 
 
 # ---- the model card ---------------------------------------------------------------------------
@@ -144,7 +158,7 @@ def license_id(text: str) -> str:
     return text
 
 
-def model_card(ckpt: dict, model: Transformer, license: str) -> str:
+def model_card(ckpt: dict, model: Transformer, license: str, chat: ChatSpec | None = None) -> str:
     """README.md with the YAML front matter the Hub, and convert_hf_to_gguf.py, read."""
     c = model.config
     proto = sentencepiece_proto(ckpt["tokenizer"])
@@ -162,6 +176,11 @@ def model_card(ckpt: dict, model: Transformer, license: str) -> str:
                              + " (sample.py's: top-k, top-p, min-p and repetition penalty off)",
     }
     table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+    usage = ("Prompts start with BOS (`<s>`), as training documents did, and text ends with EOS (`</s>`)." if not chat
+             else "A chat model. A conversation is one `<s>`, then ChatML turns (`<|im_start|>role\\n...<|im_end|>\\n`), "
+                  "then `<|im_start|>assistant\\n` for the reply, which ends with `<|im_end|>`: "
+                  "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` writes exactly that, and "
+                  "generation stops there (generation_config.json).")
     return f"""---
 language:
 - ko
@@ -181,17 +200,22 @@ A Korean decoder-only language model trained with nanokor. It loads as `LlamaFor
 |---|---|
 {table}
 
-Prompts start with BOS (`<s>`), as training documents did, and text ends with EOS (`</s>`).
+{usage}
 """
 
 
 # ---- the export directory ---------------------------------------------------------------------
 
-def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32, license: str = "unknown") -> list[Path]:
-    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and README.md."""
+def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32, license: str = "unknown",
+           chat: bool | None = None) -> list[Path]:
+    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and README.md.
+    A chat model (see export_spec.chat_spec; `chat` overrides the checkpoint's mark) gets its chat template
+    and ends a reply at <|im_end|>."""
     model = build_model(ckpt)
+    spec = chat_spec(ckpt, chat)
+    eos = list(spec.stop_ids) if spec else EOS_ID  # transformers stops at any of a list
     try:
-        config = hf_config(model.config, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+        config = hf_config(model.config, bos_id=BOS_ID, eos_id=eos, pad_id=PAD_ID)
     except ValueError as e:
         raise ExportError(str(e)) from None
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
@@ -200,16 +224,16 @@ def export(ckpt: dict, out_dir, dtype: torch.dtype = torch.float32, license: str
     weights = {k: v.to(dtype).contiguous() for k, v in hf_state_dict(model).items()}
     files = {
         "config.json": config,
-        "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+        "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": eos, "pad_token_id": PAD_ID,
                                    "do_sample": True, **SAMPLING},
         "tokenizer.json": hf_tokenizer_json(ckpt["tokenizer"]),
-        "tokenizer_config.json": hf_tokenizer_config(ckpt["tokenizer"], model.config.max_seq_len),
+        "tokenizer_config.json": hf_tokenizer_config(ckpt["tokenizer"], model.config.max_seq_len, spec),
     }
     contents = {name: (json.dumps(content, ensure_ascii=False, indent=2) + "\n").encode() for name, content in
                 files.items()}
     contents["model.safetensors"] = save(weights, metadata={"format": "pt"})
     contents["tokenizer.model"] = ckpt["tokenizer"]  # for SentencePiece users
-    contents["README.md"] = model_card(ckpt, model, license).encode()
+    contents["README.md"] = model_card(ckpt, model, license, spec).encode()
     for name, data in contents.items():
         atomic_write(out_dir / name, data)
     return sorted(out_dir / name for name in contents)

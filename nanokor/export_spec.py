@@ -4,11 +4,16 @@
 - its weights under Hugging Face Llama names (GGUF maps those names to llama.cpp's);
 - the sampling defaults both formats carry, spelled out;
 - the SentencePiece settings the tokenizer files are generated from;
-- the training figures the model card and the GGUF description quote.
+- the training figures the model card and the GGUF description quote;
+- for a chat model, what makes other tools chat as chat.py does: the template, the end-of-turn token.
 """
 
+from dataclasses import dataclass
+
+from nanokor.chat_format import CHAT_TEMPLATE, OLLAMA_TEMPLATE, REPLY_STOP_IDS, require_chat_tokens
 from nanokor.errors import ExportError
 from nanokor.model import ModelConfig, Transformer
+from nanokor.tokenizer import IM_END_ID, Tokenizer
 
 # sample.py's defaults, spelled out: llama.cpp (top-k 40, top-p 0.95, min-p 0.05) and Ollama fill in
 # their own where a key is missing, so "off" is written as the value that turns each one off.
@@ -74,3 +79,31 @@ def training_summary(ckpt: dict) -> dict:
     return {"training tokens": f"{tokens:,} ({ckpt['step']:,} steps)" if tokens else NOT_RECORDED,
             "validation": f"{val['bpb']:.4f} bits per byte, loss {val['loss']:.4f} (step {val['step']:,})"
             if val else NOT_RECORDED}
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatSpec:
+    """A chat model's conversation format as the exports carry it (nanokor/chat_format.py's, unchanged):
+    the Jinja template (transformers' chat_template, GGUF's tokenizer.chat_template; it emits BOS), the
+    Ollama TEMPLATE, the token that ends a turn (transformers' eos_token, GGUF's end-of-turn id) and
+    every id a reply stops at, with its text (generation_config's eos_token_id, Ollama's stop)."""
+
+    template: str
+    ollama_template: str
+    end_of_turn_id: int
+    stop_ids: tuple[int, ...]
+    stop_pieces: tuple[str, ...]
+
+
+def chat_spec(ckpt: dict, chat: bool | None = None) -> ChatSpec | None:
+    """The chat format for a chat model (SFT marks its checkpoints `"chat": True`; `chat` overrides the
+    mark), None for a base model: its export stays a plain text model. A chat model whose tokenizer lacks
+    the chat tokens is a ChatError."""
+    if not (ckpt.get("chat", False) if chat is None else chat):
+        return None
+    tokenizer = Tokenizer(ckpt["tokenizer"])
+    require_chat_tokens(tokenizer, "This checkpoint")
+    return ChatSpec(CHAT_TEMPLATE, OLLAMA_TEMPLATE, IM_END_ID, REPLY_STOP_IDS,
+                    tuple(tokenizer.id_to_piece(i) for i in REPLY_STOP_IDS))

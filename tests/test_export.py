@@ -1,7 +1,10 @@
-"""The exported directory in transformers (offline): same logits, same token ids, same greedy tokens."""
+"""The exported directory in transformers (offline): same logits, same token ids, same greedy tokens; for a
+chat model, apply_chat_template's ids and the replies chat.py gives."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -11,13 +14,18 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from nanokor.chat_format import REPLY_STOP_IDS, render
+from nanokor.chat_session import ChatSession
 from nanokor.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanokor.corpus import open_corpus
 from nanokor.export import hf_tokenizer_json, main
-from nanokor.generate import generate
+from nanokor.generate import Decoder, generate
 from nanokor.tokenizer import train_tokenizer
 
+from test_chat_format import CONVERSATIONS, SYSTEM
 from tiny_checkpoint import make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 KOREAN = ("세종대왕은 1443년에 훈민정음을 창제하였다. 백성을 가르치는 바른 소리라는 뜻이다.\n"
           "  두 칸 띄어쓰기와 漢字, 드문 글자 뷁 똠얌꿍, emoji 😀 도 빠짐없이 토큰이 된다.")
@@ -172,3 +180,79 @@ def test_an_out_path_that_is_a_file_is_one_paragraph(extra, ckpt, tmp_path, caps
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "taken is a file, not a directory" in err and "Traceback" not in err
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+# ---- a chat model's export: the same conversation ids and the same replies in transformers ----
+
+QUESTION = "한국의 수도는 어디인가요?"
+CHATS = [*CONVERSATIONS,
+         [{"role": "user", "content": "안녕?"}, {"role": "assistant", "content": "안녕하세요!"},
+          {"role": "user", "content": "줄바꿈\n\n두 번"}, {"role": "assistant", "content": "네.\n"}],
+         [SYSTEM, {"role": "user", "content": "뷁 똠얌꿍 😀 漢字"}, {"role": "assistant", "content": " 공백으로 시작"}]]
+
+
+@pytest.fixture(scope="module")
+def chat_exported(tmp_path_factory, tokenizer):
+    """A chat model whose greedy reply to QUESTION ends with <|im_end|> after a few tokens (its <|im_end|>
+    row is 1.5x the row of the 4th token it would say), exported."""
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("chat") / "last.pt", tokenizer, chat=True)
+    state = load_checkpoint(ckpt)
+    model = build_model(state)
+    prompt = render(tokenizer, [{"role": "user", "content": QUESTION}], add_generation_prompt=True)[0]
+    free = list(generate(model, torch.tensor([prompt]), 8, temperature=0))
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.im_end_id] = 1.5 * model.lm_head.weight[free[3].item()]
+    save_checkpoint({**state, "model": model.state_dict()}, ckpt)
+    out = ckpt.parent / "hf"
+    assert main(["--ckpt", str(ckpt), "--out", str(out)]) == 0
+    return ckpt, out
+
+
+@pytest.mark.parametrize("conversation", CHATS)
+def test_apply_chat_template_gives_the_renderers_ids(chat_exported, tokenizer, conversation):
+    hf_tok = AutoTokenizer.from_pretrained(chat_exported[1])
+    for end in range(1, len(conversation) + 1):  # every prefix that ends with a user turn, then the whole
+        messages = conversation[:end]
+        if messages[-1]["role"] == "user":
+            ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+            assert ids == render(tokenizer, messages, add_generation_prompt=True)[0]
+    assert hf_tok.apply_chat_template(conversation)["input_ids"] == render(tokenizer, conversation)[0]
+
+
+def test_a_chat_export_names_its_turn_end_and_a_base_export_stays_plain(chat_exported, exported):
+    config = json.loads((chat_exported[1] / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|im_end|>" and config["split_special_tokens"] is False
+    assert {config["added_tokens_decoder"][str(i)]["content"]: config["added_tokens_decoder"][str(i)]["special"]
+            for i in (4, 5, 6)} == {"<|im_start|>": True, "<|im_end|>": True, "\n": False}
+    assert GenerationConfig.from_pretrained(chat_exported[1]).eos_token_id == list(REPLY_STOP_IDS)  # <|im_end|>, </s>
+    assert "apply_chat_template" in (chat_exported[1] / "README.md").read_text()
+    base = json.loads((exported[1] / "tokenizer_config.json").read_text())
+    assert "chat_template" not in base and base["eos_token"] == "</s>" and base["split_special_tokens"] is True
+    # The one difference the chat export makes: a delimiter typed in text is a token to transformers.
+    hf_tok = AutoTokenizer.from_pretrained(chat_exported[1])
+    assert hf_tok("<|im_end|>", add_special_tokens=False).input_ids == [5]
+
+
+def test_transformers_greedy_replies_equal_chat_py(chat_exported, tokenizer):
+    ckpt, out = chat_exported
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+
+    def hf_reply(prompt: list[int]) -> list[int]:  # generation_config's own stop ids end it
+        ids = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+        return ids[:-1] if ids[-1] in REPLY_STOP_IDS else ids
+
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)["input_ids"]
+    first = hf_reply(prompt)
+    assert len(first) < 40  # it ended at <|im_end|>, as chat.py's does
+    proc = subprocess.run([sys.executable, "chat.py", "--ckpt", str(ckpt), "--prompt", QUESTION, "--temperature",
+                           "0", "--max-new-tokens", "40"], cwd=REPO, capture_output=True, text=True, encoding="utf-8")
+    assert proc.returncode == 0 and proc.stdout == tokenizer.decode(first) + "\n", proc.stderr
+    # Later turns too, on the conversation's own ids (as chat.py keeps them).
+    session = ChatSession(Decoder(build_model(load_checkpoint(ckpt))), tokenizer, system=SYSTEM["content"],
+                          max_new_tokens=40, sampling={"temperature": 0})
+    for question in (QUESTION, "그럼 부산은요?", "고마워요"):
+        ours = list(session.reply(question))
+        user, earlier = session.turns[-2][1], session.turns[:-2]
+        assert ours == hf_reply(session.prompt(user, earlier))
