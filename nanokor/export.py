@@ -279,12 +279,18 @@ def main(argv=None) -> int:
         return 2
     for path in files:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    if args.gguf:
+    chat = chat_spec(ckpt) is not None
+    if args.gguf and chat:
+        print(f"chat with it in llama.cpp: llama-cli -m {files[0]} --jinja (or llama-server -m {files[0]} --jinja); "
+              f"with Ollama: ollama create nanokor -f {files[1]} && ollama run nanokor")
+    elif args.gguf:
         print(f"run it with llama.cpp: llama-completion -m {files[0]} -p '한국의 역사는'; with Ollama: "
               f"ollama create nanokor -f {files[1]} && ollama run nanokor '한국의 역사는'")
     else:
         print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) and "
-              f"AutoTokenizer.from_pretrained({str(out)!r})")
+              f"AutoTokenizer.from_pretrained({str(out)!r})"
+              + ("; its tokenizer.apply_chat_template(messages, add_generation_prompt=True) renders a conversation"
+                 if chat else ""))
     return 0
 
 

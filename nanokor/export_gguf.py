@@ -6,7 +6,8 @@
 The file holds what llama.cpp's convert_hf_to_gguf.py writes for a Llama, taken from the checkpoint
 directly: llama.cpp's tensor names, q/k rows reordered for its RoPE, the hyperparameters, sampling
 defaults equal to sample.py's, and the SentencePiece vocabulary as llama.cpp's "llama" (SPM)
-tokenizer with add_space_prefix false, so a prompt becomes the same ids as in nanokor. Written with
+tokenizer with add_space_prefix false, so a prompt becomes the same ids as in nanokor. A chat model
+also carries its chat template and end-of-turn token, and its Modelfile the same format for Ollama. Written with
 the `gguf` package (llama.cpp's own writer), an optional extra imported only on this path.
 """
 
@@ -20,7 +21,8 @@ from gguf import LlamaFileType as F
 from nanokor.atomic import atomic_write
 from nanokor.checkpoint import build_model
 from nanokor.errors import ExportError
-from nanokor.export_spec import BPE, SAMPLING, check_position, hf_state_dict, sentencepiece_proto, training_summary
+from nanokor.export_spec import BPE, SAMPLING, ChatSpec, chat_spec, check_position, hf_state_dict, sentencepiece_proto, \
+    training_summary
 from nanokor.model import Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -85,6 +87,14 @@ def add_vocabulary(writer: gguf.GGUFWriter, model_bytes: bytes) -> None:
     writer.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
 
 
+def add_chat(writer: gguf.GGUFWriter, chat: ChatSpec) -> None:
+    """A chat model's template and end of turn. llama.cpp (--jinja) renders the template, drops its leading
+    BOS text because add_bos_token puts BOS in front as a token, and reads the turn delimiters in the text
+    as the control tokens they name; a reply ends at the end-of-turn id (or EOS, also an end of generation)."""
+    writer.add_chat_template(chat.template)
+    writer.add_eot_token_id(chat.end_of_turn_id)
+
+
 def add_hyperparameters(writer: gguf.GGUFWriter, model: Transformer) -> None:
     c = model.config
     writer.add_vocab_size(c.vocab_size)
@@ -113,14 +123,23 @@ def add_metadata(writer: gguf.GGUFWriter, ckpt: dict, license: str) -> None:
     writer.add_sampling_penalty_repeat(SAMPLING["repetition_penalty"])
 
 
-def modelfile(gguf_name: str, model: Transformer) -> str:
-    """An Ollama Modelfile: plain completion (the prompt is the text to continue), sample.py's sampling."""
+def modelfile(gguf_name: str, model: Transformer, chat: ChatSpec | None = None) -> str:
+    """An Ollama Modelfile with sample.py's sampling: for a base model a plain completion template (the prompt
+    is the text to continue), for a chat model the chat format and its stops."""
     c = model.config
-    return (f'# ollama create nanokor -f Modelfile && ollama run nanokor "한국의 역사는"\n'
-            f"FROM ./{gguf_name}\n"
-            '# A base model: no chat template; BOS is added as the GGUF says.\n'
-            'TEMPLATE """{{ .Prompt }}"""\n'
-            f"PARAMETER num_ctx {c.max_seq_len}\n"
+    if chat:
+        head = ('# ollama create nanokor -f Modelfile && ollama run nanokor "한국의 수도는 어디인가요?"\n'
+                f"FROM ./{gguf_name}\n"
+                "# A chat model: ChatML turns after the BOS that Ollama adds (add_bos_token), as nanokor renders them.\n"
+                f'TEMPLATE """{chat.ollama_template}"""\n'
+                + "".join(f'PARAMETER stop "{piece}"\n' for piece in chat.stop_pieces))
+    else:
+        head = (f'# ollama create nanokor -f Modelfile && ollama run nanokor "한국의 역사는"\n'
+                f"FROM ./{gguf_name}\n"
+                '# A base model: no chat template; BOS is added as the GGUF says.\n'
+                'TEMPLATE """{{ .Prompt }}"""\n')
+    return (head
+            + f"PARAMETER num_ctx {c.max_seq_len}\n"
             f"PARAMETER temperature {SAMPLING['temperature']}\n"
             "# top_k = the whole vocabulary: off in every Ollama version (not all of them read 0 as off)\n"
             f"PARAMETER top_k {c.vocab_size}\n"
@@ -151,10 +170,13 @@ def export_gguf(ckpt: dict, out_dir, dtype: torch.dtype | str = torch.float32, l
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(writer, ckpt["tokenizer"])
+    chat = chat_spec(ckpt)
+    if chat:
+        add_chat(writer, chat)
     for name, data, kind in gguf_tensors(model, qtype):
         writer.add_tensor(name, data, raw_dtype=kind)
     out_dir = Path(out_dir)
     path = out_dir / f"model-{qtype.name.lower()}.gguf"
     atomic_write(path, lambda f: _write(writer, f))
-    atomic_write(out_dir / "Modelfile", modelfile(path.name, model).encode())
+    atomic_write(out_dir / "Modelfile", modelfile(path.name, model, chat).encode())
     return [path, out_dir / "Modelfile"]

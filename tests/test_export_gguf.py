@@ -3,7 +3,8 @@
 llama.cpp itself is not built in CI (bench/llamacpp_check.sh runs it), so two small references stand
 in for it here, written from llama.cpp's sources and fed only what the GGUF file holds: its Llama
 forward pass (adjacent-pair RoPE, grouped heads, token_embd as the head when output.weight is absent)
-and its SPM tokenizer. SentencePiece itself is the reference for pieces, scores and types.
+and its SPM tokenizer (with special tokens parsed, for rendered chat templates). A chat model's Ollama
+TEMPLATE is rendered by a small Go text/template interpreter for the constructs it uses. SentencePiece itself is the reference for pieces, scores and types.
 """
 
 import re
@@ -11,17 +12,19 @@ import sys
 import unicodedata
 
 import gguf
+import jinja2
 import numpy as np
 import pytest
 import torch
 
+from nanokor.chat_format import CHAT_TEMPLATE, render
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import open_corpus
 from nanokor.export import main
 from nanokor.export_spec import SAMPLING
 from nanokor.tokenizer import train_tokenizer
 
-from test_export import EDGE_CASES, KOREAN
+from test_export import CHATS, EDGE_CASES, KOREAN
 from tiny_checkpoint import make_checkpoint
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (gguf.TokenType[n] for n in (
@@ -254,3 +257,102 @@ def test_sinusoidal_model_is_refused(tmp_path, tokenizer, capsys):
     assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(tmp_path / "gguf")]) == 2
     assert "position='rope'" in capsys.readouterr().err
     assert not (tmp_path / "gguf").exists()
+
+
+# ---- a chat model: the template llama.cpp renders, the one Ollama renders, and where a reply ends ----
+
+@pytest.fixture(scope="module")
+def chat_exported(tmp_path_factory, tokenizer):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("chat") / "last.pt", tokenizer, chat=True)
+    out = ckpt.parent / "gguf"
+    assert main(["--ckpt", str(ckpt), "--gguf", "--out", str(out)]) == 0
+    return fields(out / "model-f32.gguf")[0], out / "Modelfile"
+
+
+def llamacpp_tokenize_special(meta: dict, text: str) -> list[int]:
+    """llama.cpp's tokenize of a rendered chat prompt: BOS (add_bos_token), then parse_special on: the text
+    of every control (or unknown) token is that token, the fragments between are tokenized as text."""
+    pieces, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    special = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t in (CONTROL, UNKNOWN)}
+    ids = [meta["tokenizer.ggml.bos_token_id"]] if meta["tokenizer.ggml.add_bos_token"] else []
+    for fragment in re.split("(" + "|".join(map(re.escape, special)) + ")", text):
+        ids += [special[fragment]] if fragment in special else llamacpp_tokenize(meta, fragment) if fragment else []
+    return ids
+
+
+def go_template(template: str, data: dict) -> str:
+    """Go's text/template, for the constructs an Ollama TEMPLATE of nanokor's uses: text, {{ .Field }},
+    {{ range .Field }} ... {{ end }}, and the {{- / -}} markers that trim the white space beside an action
+    (" \\t\\r\\n"). Anything else raises, so a template that outgrows this renderer cannot pass unchecked."""
+    nodes, stack, trim_next, pos = [], [], False, 0
+    for m in re.finditer(r"\{\{(- )?\s*(.*?)\s*( -)?\}\}", template, re.S):
+        text = template[pos:m.start()]
+        text = text.lstrip(" \t\r\n") if trim_next else text
+        nodes.append(("text", text.rstrip(" \t\r\n") if m.group(1) else text))
+        action, trim_next, pos = m.group(2), bool(m.group(3)), m.end()
+        if action.startswith("range "):
+            stack.append((nodes, action[len("range "):]))
+            nodes = []
+        elif action == "end":
+            body, (nodes, field) = nodes, stack.pop()
+            nodes.append(("range", field, body))
+        elif re.fullmatch(r"(\.[A-Za-z]\w*)+", action):
+            nodes.append(("field", action))
+        else:
+            raise NotImplementedError(f"{{{{ {action} }}}}: not a construct this renderer knows")
+    assert not stack, "range without end"
+    nodes.append(("text", template[pos:].lstrip(" \t\r\n") if trim_next else template[pos:]))
+
+    def field(path: str, dot):
+        for name in path.strip(".").split("."):
+            dot = dot[name]
+        return dot
+
+    def render(nodes, dot) -> str:
+        return "".join(n[1] if n[0] == "text" else str(field(n[1], dot)) if n[0] == "field"
+                       else "".join(render(n[2], item) for item in field(n[1], dot)) for n in nodes)
+    return render(nodes, data)
+
+
+def test_go_template_renderer_follows_go_semantics_on_known_cases():
+    data = {"Messages": [{"Role": "user", "Content": "가"}, {"Role": "assistant", "Content": "나"}]}
+    assert go_template("  {{- range .Messages }}[{{ .Role }}:{{ .Content }}]{{ end }}\n", data) == "[user:가][assistant:나]\n"
+    assert go_template("a {{- .X -}} \n b", {"X": 1}) == "a1b"  # trims spaces and newlines on both sides
+    assert go_template("{{ range .Messages }}{{ end }}x", {"Messages": []}) == "x"
+    with pytest.raises(NotImplementedError):
+        go_template("{{ if .X }}y{{ end }}", {"X": 1})
+
+
+def test_a_chat_gguf_carries_the_template_and_ends_a_turn_at_im_end(chat_exported, exported, tokenizer):
+    meta, _ = chat_exported
+    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.im_end_id
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id  # also an end of generation in llama.cpp
+    types = meta["tokenizer.ggml.token_type"]
+    assert [meta["tokenizer.ggml.tokens"][i] for i in (4, 5)] == ["<|im_start|>", "<|im_end|>"]
+    assert types[4] == types[5] == CONTROL  # never produced from text, parsed from a rendered template
+    base, _ = fields(exported[1] / "model-f32.gguf")
+    assert "tokenizer.chat_template" not in base and "tokenizer.ggml.eot_token_id" not in base
+
+
+@pytest.mark.parametrize("conversation", CHATS)
+def test_llamacpp_and_ollama_render_the_renderers_ids(chat_exported, tokenizer, conversation):
+    meta, modelfile = chat_exported
+    text = modelfile.read_text(encoding="utf-8")
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.M) == ["<|im_end|>", "</s>"]
+    bos = meta["tokenizer.ggml.tokens"][meta["tokenizer.ggml.bos_token_id"]]
+    jinja = jinja2.Environment().from_string(meta["tokenizer.chat_template"])
+    for end in range(1, len(conversation) + 1):
+        messages = conversation[:end]
+        if messages[-1]["role"] != "user":
+            continue
+        expected = render(tokenizer, messages, add_generation_prompt=True)[0]
+        # llama.cpp: the Jinja template's text, its leading BOS text dropped (add_bos_token adds the token).
+        rendered = jinja.render(messages=messages, bos_token=bos, add_generation_prompt=True)
+        assert rendered.startswith(bos)
+        assert llamacpp_tokenize_special(meta, rendered.removeprefix(bos)) == expected
+        assert llamacpp_tokenize_special(meta, rendered)[:2] == [1, 1]  # what the dropped text would double
+        # Ollama: its Go TEMPLATE over .Messages (the system message among them), BOS added by the tokenizer.
+        go_messages = [{"Role": m["role"], "Content": m["content"]} for m in messages]
+        assert llamacpp_tokenize_special(meta, go_template(template, {"Messages": go_messages})) == expected
