@@ -147,6 +147,10 @@ def main(argv=None) -> int:
     tasks.add_argument("--num-fewshot", type=number(int, 0, text="need 0 or more"),
                        help="few-shot examples (default: each task's own)")
     tasks.add_argument("--include-path", help="a directory of task YAML files of your own, e.g. on local data")
+    tasks.add_argument("--chat", action="store_true",
+                       help="render each prompt as a conversation in the chat format (lm-eval's apply_chat_template; "
+                            "few-shot examples become earlier turns): for chat (SFT) checkpoints")
+    tasks.add_argument("--system", help="with --chat: a system message that starts every conversation")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -157,6 +161,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tasks == []:
         p.error("--tasks needs at least one task name, e.g. --tasks kobest_copa")
+    if (args.chat or args.system is not None) and not args.tasks:
+        p.error("--chat and --system apply to lm-eval tasks; add --tasks")
+    if args.system is not None and not (args.chat and args.system.strip()):
+        p.error("--system needs --chat and some text: it is the system message of each conversation")
     try:
         args.device = resolve_device(args.device)
     except ValueError as e:

@@ -5,11 +5,17 @@ lm-eval's own `hf` model through its Python API, so the numbers are lm-eval's. l
 only here, on the `--tasks` path (`pip install -e '.[eval]'`).
 
     python -m nanokor.evaluate --ckpt out/last.pt --tasks kobest_copa,haerae --limit 100
+    python -m nanokor.evaluate --ckpt out-sft/last.pt --tasks kobest_copa --chat   # prompts as conversations
+
+With --chat, lm-eval puts each prompt (and few-shot examples, as earlier turns) into a conversation and
+renders it with the export's chat template (its `apply_chat_template`), which is nanokor's chat format:
+the model answers as it does in chat.py.
 """
 
 import json
 import math
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,13 +31,17 @@ def run(args) -> int:
     manager = _task_manager(args.tasks, args.include_path)
     out = Path(args.out) if args.out else Path(args.ckpt).with_name(f"lm-eval-{_file_name(args.tasks)}.json")
     dtype = str(args.dtype).removeprefix("torch.")
+    if args.chat and not ckpt.get("chat", False):
+        print(f"warning: {args.ckpt} is a base model, not fine-tuned to chat: --chat scores it on a format it never "
+              "learned (a baseline for the chat model, not a measure of the base model).", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="nanokor-lm-eval-") as hf_dir:
-        export(ckpt, hf_dir)
+        export(ckpt, hf_dir, chat=True if args.chat else None)  # --chat needs the template, base model or not
         model = _model(hf_dir, batch_size=args.batch_size, device=str(args.device), dtype=dtype,
                        max_length=ckpt["model_config"]["max_seq_len"])
         try:
             results = lm_eval.simple_evaluate(model=model, tasks=args.tasks, num_fewshot=args.num_fewshot,
-                                              limit=args.limit, task_manager=manager, log_samples=False)
+                                              limit=args.limit, task_manager=manager, log_samples=False,
+                                              apply_chat_template=args.chat, system_instruction=args.system)
         # `datasets` raises ConnectionError for a data set it can neither fetch nor find cached, and a
         # FileNotFoundError for one that does not exist (on the Hub or on disk).
         except (ConnectionError, FileNotFoundError) as e:
@@ -41,7 +51,8 @@ def run(args) -> int:
                 "reachable (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset), or define a task on local data and "
                 "pass its directory with --include-path.") from None
     report = {"checkpoint": str(args.ckpt), "tasks": args.tasks, "include_path": args.include_path,
-              "num_fewshot": args.num_fewshot, "limit": args.limit, "dtype": dtype,
+              "num_fewshot": args.num_fewshot, "limit": args.limit, "chat": args.chat, "system": args.system,
+              "dtype": dtype,
               "lm_eval_version": lm_eval.__version__,
               **{k: results.get(k) for k in ("results", "groups", "n-shot", "n-samples", "versions")}}
     print(table(results["results"]))  # first: a long run's results are on screen even if the file fails

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanokor.chat_format import render
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import SAMPLE_DIR
 from nanokor.evaluate import main
@@ -142,3 +143,55 @@ def test_without_lm_eval_installed_the_error_names_the_extra(ckpt, monkeypatch, 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` meets when it is not installed
     assert main(["--ckpt", str(ckpt), "--tasks", "kobest_copa"]) == 2
     assert "pip install -e '.[eval]'" in capsys.readouterr().err
+
+
+def test_chat_tasks_are_scored_on_the_rendered_chat_format(chat_ckpt, tokenizer, tmp_path, monkeypatch):
+    """--chat: lm-eval's apply_chat_template on the export. The ids lm-eval scores are nanokor's rendered
+    conversation (system message, the question as the user's turn, the assistant's header) followed by the
+    choice, and the accuracies are what nanokor's own model gives on those ids."""
+    from lm_eval.models.huggingface import HFLM
+
+    scored = []
+    original = HFLM._loglikelihood_tokens
+
+    def recording(self, requests, *args, **kwargs):
+        scored.extend((context, continuation) for _, context, continuation in requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", recording)
+    write_task(tmp_path, "ko_mc_chat", [{"question": q, "choices": c, "label": a} for q, c, a in QUESTIONS],
+               'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+               "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    system = "다음 질문에 답하세요."
+    assert lm_eval_run(chat_ckpt, "ko_mc_chat", tmp_path, "--chat", "--system", system,
+                       "--out", str(tmp_path / "chat.json")) == 0
+    report = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))
+    assert report["chat"] is True and report["system"] == system
+    model = build_model(load_checkpoint(chat_ckpt))
+    scored = {tuple(context + continuation): (context, continuation) for context, continuation in scored}
+    acc = norm = 0
+    for question, choices, answer in QUESTIONS:
+        prompt = render(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                        add_generation_prompt=True)[0]
+        lls = []
+        for choice in choices:
+            # lm-eval moves the context's trailing "\n" into the continuation: the same ids, cut one earlier.
+            context, continuation = scored.pop(tuple(prompt + tokenizer.encode(choice)))
+            assert context == prompt[:-1]
+            lls.append(continuation_logprob(model, context, continuation))
+        acc += max(range(len(choices)), key=lambda i: lls[i]) == answer
+        norm += max(range(len(choices)), key=lambda i: lls[i] / len(choices[i])) == answer
+    assert not scored  # nothing else was scored
+    result = report["results"]["ko_mc_chat"]
+    assert (result["acc,none"], result["acc_norm,none"]) == (pytest.approx(acc / len(QUESTIONS)),
+                                                             pytest.approx(norm / len(QUESTIONS)))
+
+
+def test_chat_flags_need_tasks_and_system_needs_chat(ckpt, capsys):
+    for args in (["--data-files", "x.txt", "--chat"], ["--tasks", "ko_mc", "--system", "조수"],
+                 ["--tasks", "ko_mc", "--chat", "--system", " "]):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(ckpt), *args])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "add --tasks" in err and err.count("--system needs --chat and some text") == 2
