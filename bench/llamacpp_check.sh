@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# llama.cpp against nanokor on a trained checkpoint: tokenization, greedy text and perplexity.
+# llama.cpp against nanokor on a trained checkpoint: tokenization, greedy text and perplexity; and on a
+# chat model, the chat template llama-server renders and its greedy replies.
 #
 #   bash bench/llamacpp_check.sh                    # 18 min the first time on 2 busy cores (13 of them building
 #                                                   # llama.cpp), about 6 after
 #   CKPT=out/last.pt bash bench/llamacpp_check.sh   # check that checkpoint instead of training one (3 min)
+#   CHAT_CKPT=out-sft/last.pt bash bench/llamacpp_check.sh   # the chat checks on that chat model
 #
 # Builds llama.cpp CPU-only from the sources vendored in the llama-cpp-python sdist on PyPI
-# (LLAMA_CPP_PYTHON_VERSION, default 0.3.36), only llama-tokenize, llama-completion and
-# llama-perplexity, cached in ~/.cache/nanokor/llama.cpp so a rerun skips the build. Trains the
+# (LLAMA_CPP_PYTHON_VERSION, default 0.3.36), only llama-tokenize, llama-completion, llama-perplexity
+# and llama-server (without its web UI), cached in ~/.cache/nanokor/llama.cpp so a rerun skips the build. Trains the
 # quickstart model on the embedded sample (config/tiny.py with its shape spelled out, plus 2 key/value
 # heads so grouped-query attention is exercised), then checks four GGUF files: `--gguf` at f32 and
 # q8_0, f32 from llama.cpp's own convert_hf_to_gguf.py run on the Hugging Face export, and the same
 # with add_prefix_space deleted from tokenizer_config.json (the export before the fix). The checks
 # are bench/llamacpp_check.py's: every non-empty line of the sample tokenized by both, greedy
 # continuations of five prompts, and llama-perplexity -c <block_size> against nanokor's loss on the
-# same windows. Prints a table; writes bench/results/llamacpp_check.json. Not part of CI.
+# same windows. The chat checks run on CHAT_CKPT, or without one on a stand-in: the base model marked
+# as a chat model, its <|im_end|> row set to its </s> row scaled by 1.5 so that its replies end with
+# <|im_end|> about where its text would end (SFT teaches that; the stand-in only exercises the stop).
+# Two chat GGUFs: `--gguf` f32 and convert_hf_to_gguf.py on the Hugging Face export (which carries the
+# template in tokenizer_config.json). Prints tables; writes bench/results/llamacpp_check.json. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nanokor, not an installed one
@@ -27,7 +33,8 @@ BIN="$CACHE/build-$VERSION/bin"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-if [[ ! -x "$BIN/llama-perplexity" || ! -x "$BIN/llama-completion" || ! -x "$BIN/llama-tokenize" ]]; then
+if [[ ! -x "$BIN/llama-perplexity" || ! -x "$BIN/llama-completion" || ! -x "$BIN/llama-tokenize" \
+      || ! -x "$BIN/llama-server" ]]; then
     echo "== building llama.cpp from llama-cpp-python $VERSION (about 13 minutes on 2 busy cores)"
     mkdir -p "$CACHE"
     [[ -d "$SRC" ]] || {
@@ -36,10 +43,11 @@ if [[ ! -x "$BIN/llama-perplexity" || ! -x "$BIN/llama-completion" || ! -x "$BIN
     }
     nice -n 19 cmake -S "$SRC" -B "$CACHE/build-$VERSION" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF > "$WORK/cmake.log" 2>&1 \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF \
+        > "$WORK/cmake.log" 2>&1 \
         || { tail -20 "$WORK/cmake.log"; exit 1; }
     nice -n 19 cmake --build "$CACHE/build-$VERSION" -j "$(nproc)" \
-        --target llama-tokenize llama-completion llama-perplexity > "$WORK/build.log" 2>&1 \
+        --target llama-tokenize llama-completion llama-perplexity llama-server > "$WORK/build.log" 2>&1 \
         || { tail -20 "$WORK/build.log"; exit 1; }
 fi
 
@@ -67,9 +75,31 @@ for dir in hf hf-old; do
         > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
 done
 
+CHAT_CKPT="${CHAT_CKPT:-}"
+if [[ -z "$CHAT_CKPT" ]]; then
+    CHAT_CKPT="$WORK/chat.pt"
+    python - "$CKPT" "$CHAT_CKPT" <<'PY'
+import sys
+import torch
+from nanokor.checkpoint import load_checkpoint, save_checkpoint
+from nanokor.tokenizer import EOS_ID, IM_END_ID
+ckpt = load_checkpoint(sys.argv[1])
+head = ckpt["model"]["lm_head.weight"]
+head[IM_END_ID] = 1.5 * head[EOS_ID]
+save_checkpoint({**ckpt, "chat": True}, sys.argv[2])
+PY
+fi
+echo "== exporting the chat model: --gguf f32, and the HF directory through convert_hf_to_gguf.py"
+python -m nanokor.export --ckpt "$CHAT_CKPT" --gguf --out "$WORK/chat-gguf" > /dev/null
+python -m nanokor.export --ckpt "$CHAT_CKPT" --out "$WORK/chat-hf" > /dev/null
+python "$SRC/convert_hf_to_gguf.py" "$WORK/chat-hf" --outfile "$WORK/converted-chat.gguf" --outtype f32 \
+    > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
+
 cat nanokor/data/sample/*.txt > "$WORK/sample.txt"
 python bench/llamacpp_check.py --bin "$BIN" --ckpt "$CKPT" --text "$WORK/sample.txt" \
     --gguf "nanokor --gguf, f32=$WORK/gguf/model-f32.gguf" \
     --gguf "nanokor --gguf, q8_0=$WORK/gguf/model-q8_0.gguf" \
     --gguf "convert_hf_to_gguf.py, f32=$WORK/converted-hf.gguf" \
-    --gguf "convert_hf_to_gguf.py, f32, no add_prefix_space=$WORK/converted-hf-old.gguf"
+    --gguf "convert_hf_to_gguf.py, f32, no add_prefix_space=$WORK/converted-hf-old.gguf" \
+    --chat-ckpt "$CHAT_CKPT" --chat-gguf "nanokor --gguf, f32=$WORK/chat-gguf/model-f32.gguf" \
+    --chat-gguf "convert_hf_to_gguf.py, f32=$WORK/converted-chat.gguf"
