@@ -100,6 +100,8 @@ def sync(device):
 
 
 def decode(model, idx, n, **sampling) -> torch.Tensor:
+    if isinstance(model, Decoder):
+        model.forget()  # the rounds repeat one prompt, which a Decoder would otherwise not prefill again
     return torch.stack(list(generate(model, idx, n, **sampling)), dim=1)
 
 

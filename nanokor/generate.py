@@ -168,8 +168,9 @@ class Decoder:
       launch instead of a Python dispatch per op. No compilation: it pays from the first sample.
     - "compile": torch.compile of the step (on CUDA also captured as a CUDA graph: mode="reduce-overhead").
       The fastest path on a CPU; compiling costs ~15-20 s per bucket and sampling setting there.
-    The prefill stays eager in every mode: its length varies and it runs once. The graphs are made for
-    the model as it is: after moving it to another device or dtype, make a new Decoder.
+    The prefill stays eager in every mode: its length varies and it runs once. The graphs and the cache
+    are made for the model as it is: after moving it to another device or dtype, or changing its
+    weights, make a new Decoder.
     """
 
     def __init__(self, model, mode: str = "eager"):
@@ -220,6 +221,11 @@ class Decoder:
         if B == 1:
             step = self._recording(step, self._held[1])
         return logits, step
+
+    def forget(self) -> None:
+        """Forget which tokens the cache holds: the next prompt is prefilled whole (as a benchmark of the
+        prefill, or of a fresh request, needs)."""
+        self._held = None
 
     def _reuse(self, cache, idx: torch.Tensor) -> int:
         """Set `cache` to hold the longest start of the prompt idx that the decoder holds already (copied
@@ -300,8 +306,10 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
              stop_ids: int | Sequence[int] | None = None, generator: torch.Generator | None = None):
     """Yield max_new_tokens next-token tensors of shape (B,) continuing the prompt idx (B, T).
 
-    `model` is a Transformer (decoded eagerly) or a `Decoder` (a compiled or CUDA-graph one, reused
+    `model` is a Transformer (decoded eagerly) or a `Decoder` (eager, compiled or CUDA-graph, reused
     across calls). The prompt is prefilled into a KV cache in one forward; each later step feeds one token.
+    A Decoder reused across calls prefills only the part of a batch-1 prompt that its cache does not hold
+    (a chat's new turn after the conversation so far).
     temperature 0 is greedy (top_k/top_p are then irrelevant). `stop_ids` ends a row: EOS for text, <|im_end|>
     (and EOS) for a chat reply. A row that emitted one keeps yielding it, and the generator stops early
     once every row has (one host sync per step, only when stop_ids are given). prompt + max_new_tokens must fit model.config.max_seq_len, else ValueError:

@@ -337,3 +337,10 @@ def test_a_generation_left_early_keeps_what_it_fed_and_batches_start_afresh(mode
     run(decoder, torch.zeros(2, 4, dtype=torch.long), 3, temperature=0)  # a batch of two holds no record
     _, prefilled = continue_and_compare(decoder, model, prompt + taken + [11, 12], 5)
     assert prefilled == len(prompt) + 6
+
+
+def test_a_decoder_told_to_forget_prefills_the_whole_prompt_again(model):
+    decoder, prompt = Decoder(model), [1, 9, 8, 7, 6]
+    continue_and_compare(decoder, model, prompt, 3)
+    decoder.forget()
+    assert continue_and_compare(decoder, model, prompt, 3)[1] == len(prompt)
