@@ -170,7 +170,7 @@ class Decoder:
       The fastest path on a CPU; compiling costs ~15-20 s per bucket and sampling setting there.
     The prefill stays eager in every mode: its length varies and it runs once. The graphs and the cache
     are made for the model as it is: after moving it to another device or dtype, or changing its
-    weights, make a new Decoder.
+    weights, make a new Decoder. One generation at a time: the calls share the cache.
     """
 
     def __init__(self, model, mode: str = "eager"):
@@ -210,7 +210,8 @@ class Decoder:
                 self._caches.clear()
             self._caches[key] = self.model.make_kv_cache(B, length, dtype=dtype, static=self.mode != "eager")
         cache = self._caches[key]
-        start = self._reuse(cache, idx)
+        prompt = idx[0].tolist() if B == 1 else None
+        start = self._reuse(cache, prompt)
         if self.mode == "eager":
             step = lambda token, seen, race: self._decode_one(token, cache, sampling, seen, race)  # noqa: E731
         else:
@@ -218,8 +219,10 @@ class Decoder:
                 self._steps[(*key, sampling)] = self._static_step(cache, sampling)
             step = self._steps[(*key, sampling)]
         logits = self.model(idx[:, start:], kv_cache=cache, last_only=True)[0][:, -1]
-        if B == 1:
-            step = self._recording(step, self._held[1])
+        if prompt is not None:  # the prefill is done: the cache holds the prompt, and then what the step feeds
+            fed = [prompt]
+            self._held = (cache, fed)
+            step = self._recording(step, fed)
         return logits, step
 
     def forget(self) -> None:
@@ -227,22 +230,21 @@ class Decoder:
         prefill, or of a fresh request, needs)."""
         self._held = None
 
-    def _reuse(self, cache, idx: torch.Tensor) -> int:
-        """Set `cache` to hold the longest start of the prompt idx that the decoder holds already (copied
-        over from the cache that holds it when that is another bucket's), and return its length. The last
-        prompt token is always fed again: its logits choose the first new token. Stale entries past the
-        kept ones are masked out (static) or never read (eager), so nothing else needs clearing."""
-        held, self._held = self._held, None
-        start, source = 0, None
-        if idx.size(0) == 1:
-            prompt = idx[0].tolist()
-            if held is not None and held[0].k[0].dtype == cache.k[0].dtype:
-                source, fed = held
-                ids = fed[0] + (torch.cat(fed[1:]).tolist() if len(fed) > 1 else [])
-                while start < min(len(ids), len(prompt) - 1) and ids[start] == prompt[start]:
-                    start += 1
-            self._held = (cache, [prompt])
-        cache.keep(start, source if source is not cache and start else None)
+    def _reuse(self, cache, prompt: list[int] | None) -> int:
+        """Set `cache` to hold the longest start of the batch-1 `prompt` that the decoder holds already
+        (copied over from the cache that holds it when that is another bucket's), and return its length.
+        The last prompt token is always fed again: its logits choose the first new token. Stale entries
+        past the kept ones are masked out (static) or never read (eager), so nothing needs clearing."""
+        held, self._held = self._held, None  # nothing is certain about the cache until the prefill is done
+        start = 0
+        if prompt is not None and held is not None and held[0].k[0].dtype == cache.k[0].dtype:
+            source, fed = held
+            ids = fed[0] + (torch.cat(fed[1:]).tolist() if len(fed) > 1 else [])
+            while start < min(len(ids), len(prompt) - 1) and ids[start] == prompt[start]:
+                start += 1
+            cache.keep(start, source if source is not cache and start else None)
+        else:
+            cache.keep(0)
         return start
 
     @staticmethod

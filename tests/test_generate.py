@@ -344,3 +344,19 @@ def test_a_decoder_told_to_forget_prefills_the_whole_prompt_again(model):
     continue_and_compare(decoder, model, prompt, 3)
     decoder.forget()
     assert continue_and_compare(decoder, model, prompt, 3)[1] == len(prompt)
+
+
+def test_a_prefill_interrupted_midway_leaves_nothing_to_reuse(model):
+    decoder, prompt = Decoder(model), [1, 9, 8, 7, 6]
+    continue_and_compare(decoder, model, prompt, 3)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt  # Ctrl-C while the second layer prefills: the first has written its keys
+
+    hook = model.layers[1].register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(decoder, torch.tensor([prompt + [5, 4, 3]]), 3, temperature=0)
+    finally:
+        hook.remove()
+    assert continue_and_compare(decoder, model, prompt + [5, 4, 3], 3)[1] == len(prompt) + 3
