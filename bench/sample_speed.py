@@ -100,8 +100,8 @@ def sync(device):
 
 
 def decode(model, idx, n, **sampling) -> torch.Tensor:
-    if isinstance(model, Decoder):
-        model.forget()  # the rounds repeat one prompt, which a Decoder would otherwise not prefill again
+    if hasattr(model, "forget"):  # a Decoder: the rounds repeat one prompt, which it would otherwise not prefill again
+        model.forget()
     return torch.stack(list(generate(model, idx, n, **sampling)), dim=1)
 
 
