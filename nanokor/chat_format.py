@@ -57,29 +57,47 @@ def require_chat_tokens(tokenizer, where: str) -> None:
                         "trains now holds them) and pretrain on that data, then run SFT from the new checkpoint.")
 
 
-def conversation_problem(messages, *, generation: bool = False) -> str | None:
+class Problem(str):
+    """Why a conversation is malformed: the sentence, and its `kind` (one of PROBLEM_KINDS), which
+    prepare.py tallies. A str, so callers that only print it need not know it is more."""
+
+    kind: str
+
+    def __new__(cls, kind: str, text: str) -> "Problem":
+        problem = super().__new__(cls, text)
+        problem.kind = kind
+        return problem
+
+
+PROBLEM_KINDS = ("not a conversation", "unknown role", "empty turn", "turns out of order", "no reply to learn",
+                 "no user turn to answer")
+
+
+def conversation_problem(messages, *, generation: bool = False) -> Problem | None:
     """Why `messages` is not a conversation nanokor can render, or None. Training conversations end with
     an assistant turn (otherwise there is nothing to learn); generation prompts end with a user turn."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        return "empty conversation"
+        return Problem("not a conversation", "empty conversation")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {i} is not a {{'role': str, 'content': str}} object"
+            return Problem("not a conversation", f"message {i} is not a {{'role': str, 'content': str}} object")
         if m["role"] not in ROLES:
-            return f"message {i} has the unknown role {m['role']!r} (known: {', '.join(ROLES)})"
+            return Problem("unknown role", f"message {i} has the unknown role {m['role']!r} (known: {', '.join(ROLES)})")
         if not m["content"].strip():
-            return f"message {i} ({m['role']}) is empty"
+            return Problem("empty turn", f"message {i} ({m['role']}) is empty")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            return (f"turn {i + 1} is {m['role']!r} where {expected!r} was expected (an optional system message, "
-                    "then user and assistant alternating, starting with the user)")
+            return Problem("turns out of order",
+                           f"turn {i + 1} is {m['role']!r} where {expected!r} was expected (an optional system "
+                           "message, then user and assistant alternating, starting with the user)")
     last = turns[-1]["role"] if turns else "system"
     if generation and last != "user":
-        return f"the conversation ends with {last!r}; a reply is generated after a user turn"
+        return Problem("no user turn to answer",
+                       f"the conversation ends with {last!r}; a reply is generated after a user turn")
     if not generation and last != TRAINED_ROLE:
-        return f"the conversation ends with {last!r}, so it has no assistant reply to learn"
+        return Problem("no reply to learn", f"the conversation ends with {last!r}, so it has no assistant reply to learn")
     return None
 
 
