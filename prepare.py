@@ -5,8 +5,15 @@
     python prepare.py --subset tiny-textbooks --max-bytes 2G             # maywell/korean_textbooks
     python prepare.py --dataset owner/name --subset a,b --split train    # any Hub dataset, or a directory
 
-Output (default data/<name>/): tokenizer.model, token_bytes.npy, train_000000.bin …, val_000000.bin …,
-meta.json. The directory is built as <out>.partial and renamed when complete.
+    # conversations for SFT, tokenized with the base model's tokenizer (nanokor/chat_data.py)
+    python prepare.py --chat --dataset sample --tokenizer data/sample/tokenizer.model      # -> data/sample-chat
+    python prepare.py --chat --dataset nlpai-lab/kullm-v2 --tokenizer out/last.pt
+    python prepare.py --chat --data-files 'sft/*.jsonl' --tokenizer data/corpus/tokenizer.model \
+                      --chat-format alpaca --columns instruction=question,output=answer
+
+Output (default data/<name>/, data/<name>-chat/ with --chat): tokenizer.model, token_bytes.npy,
+train_000000.bin …, val_000000.bin …, meta.json. The directory is built as <out>.partial and renamed
+when complete.
 """
 
 import argparse
@@ -15,11 +22,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from nanokor.corpus import HF_DATASET, open_corpus
+from nanokor import chat_data
+from nanokor.corpus import HF_DATASET, open_corpus, open_records
 from nanokor.errors import DataError, exit_on_error
 from nanokor.flags import number, positive_int, seed, size
-from nanokor.prepare import (ALL_CORES, DEFAULT_VAL_FRACTION_OTHER, SHARD_TOKENS, TOKENIZER_SAMPLE_BYTES, build,
-                             default_out)
+from nanokor.prepare import (ALL_CORES, DEFAULT_CONTEXT, DEFAULT_VAL_FRACTION_OTHER, SHARD_TOKENS,
+                             TOKENIZER_SAMPLE_BYTES, build, build_chat, default_out)
 from nanokor.tokenizer import DEFAULT_VOCAB, MAX_VOCAB, MIN_VOCAB
 
 
@@ -62,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--shard-tokens", type=positive_int, default=SHARD_TOKENS,
                      help="tokens per shard file (100M: 200 MB files)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    chat = p.add_argument_group("conversations (--chat)")
+    chat.add_argument("--chat", action="store_true",
+                      help="prepare conversations for SFT (chat shards with a loss mask) instead of documents; "
+                           "needs --tokenizer, the base model's. --dataset sample is the conversation sample in "
+                           "nanokor/data/chat_sample")
+    chat.add_argument("--chat-format", choices=list(chat_data.LAYOUTS),
+                      help="how a record lays out a conversation (default: detected from its columns): "
+                           "messages (role/content turns), sharegpt (from/value turns), alpaca "
+                           "(instruction, input, output), openorca (system_prompt, question, response)")
+    chat.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                      help="the columns of fields named otherwise, e.g. instruction=prompt,output=answer")
+    chat.add_argument("--context", type=positive_int, metavar="TOKENS",
+                      help=f"longest conversation kept: it must fit this context (block_size), i.e. at most "
+                           f"TOKENS + 1 tokens; longer ones are counted and left out (default {DEFAULT_CONTEXT})")
     p.add_argument("--num-proc", type=positive_int, default=ALL_CORES,
                    help=f"worker processes that read, clean and tokenize (default: all cores, {ALL_CORES})")
     p.add_argument("--seed", type=seed(32), default=0,
@@ -88,6 +110,13 @@ HELD_OUT_NAME = re.compile(r"(^|[-_.])(validation|valid|val|test|dev|eval)([-_.\
 
 
 def run(args, argv: list[str]) -> dict:
+    if args.chat:
+        return run_chat(args, argv)
+    given = [flag for flag, value in (("--chat-format", args.chat_format), ("--columns", args.columns),
+                                      ("--context", args.context)) if value is not None]
+    if given:
+        raise DataError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to conversations; add --chat "
+                        "to prepare conversations for SFT, or leave them out to prepare documents.")
     val_corpus = open_corpus(data_files=args.val_files, text_column=args.text_column) if args.val_files else None
     held_out_files = [Path(f) for f in val_corpus.info["files"]] if val_corpus else []
     corpus = open_corpus(args.dataset, subsets=args.subset, split=args.split, data_files=args.data_files,
@@ -101,6 +130,36 @@ def run(args, argv: list[str]) -> dict:
                  model_type=args.model_type, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
                  val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, num_proc=args.num_proc,
                  seed=args.seed, overwrite=args.overwrite)
+
+
+def run_chat(args, argv: list[str]) -> dict:
+    """--chat: conversations in (nanokor/chat_data.py), chat shards out, with the base model's tokenizer."""
+    misplaced = [flag for flag, value, default in (
+        ("--text-column", args.text_column, "text"), ("--max-bytes", args.max_bytes, None),
+        ("--vocab-size", args.vocab_size, None), ("--model-type", args.model_type, "bpe"),
+        ("--tokenizer-sample-bytes", args.tokenizer_sample_bytes, TOKENIZER_SAMPLE_BYTES)) if value != default]
+    if misplaced:
+        raise DataError(f"{', '.join(misplaced)} do{'es' if len(misplaced) == 1 else ''} not apply to --chat: "
+                        "conversations are read by layout (--chat-format, --columns), capped with --max-docs, and "
+                        "tokenized with the base model's tokenizer (--tokenizer). Leave them out.")
+    if not args.tokenizer:
+        raise DataError("--chat needs --tokenizer: the tokenizer the base model was trained with, so that SFT can "
+                        "start from it, e.g. --tokenizer data/sample/tokenizer.model (the data directory's) or "
+                        "--tokenizer out/last.pt (a checkpoint's).")
+    if not args.data_files and args.dataset == HF_DATASET:
+        raise DataError(f"--chat reads conversations, and {HF_DATASET} (the default --dataset) holds documents. Name "
+                        "them: --dataset sample (the conversation sample shipped with nanokor), a Hub id such as "
+                        "nlpai-lab/kullm-v2, a local dataset directory, or --data-files 'sft/*.jsonl'.")
+    columns = chat_data.parse_columns(args.columns)
+    val_corpus = open_records(data_files=args.val_files) if args.val_files else None
+    held_out_files = [Path(f) for f in val_corpus.info["files"]] if val_corpus else []
+    corpus = open_records(args.dataset, subsets=args.subset, split=args.split, data_files=args.data_files,
+                          max_records=args.max_docs, exclude=held_out_files)
+    return build_chat(corpus, args.out or default_out(f"{corpus.name}-chat"),
+                      command=shlex.join(["python", "prepare.py", *argv]), tokenizer_path=args.tokenizer,
+                      val_corpus=val_corpus, layout=args.chat_format, columns=columns,
+                      context=args.context or DEFAULT_CONTEXT, val_fraction=args.val_fraction,
+                      shard_tokens=args.shard_tokens, num_proc=args.num_proc, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

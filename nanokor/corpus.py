@@ -7,6 +7,11 @@ Three kinds of source, one shape (an iterator of `str`, one per document):
     by a blank line), given as globs;
   - the Korean sample shipped in `nanokor/data/sample/*.txt` (quickstart and tests).
 
+`open_records` reads the same kinds of source as records (a dict of columns per item) instead of
+one text column: conversations for prepare.py --chat (nanokor/chat_data.py makes them messages), from
+jsonl, json and parquet files, a `datasets` stream, or the conversation sample in
+`nanokor/data/chat_sample/`.
+
 Documents come out raw; they are cleaned (`clean`) later, in the encoder's worker processes. Local
 files are also *read* there: they are cut into parts (`Corpus.tasks`) that each worker reads by
 itself, so text is decoded where it is tokenized and never passes through one reading process or a
@@ -39,6 +44,7 @@ HF_DATASET_SUBSETS = ("claude_evol", "code-alpaca", "helpsteer", "ko_wikidata", 
                       "tiny-textbooks")
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")  # owner/name
 SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
+CHAT_SAMPLE_DIR = Path(__file__).parent / "data" / "chat_sample"
 HUB_PROBE_TIMEOUT_S = 10.0
 # Text per unit of work: small enough that workers end together and memory stays low, large enough to
 # take a usual parquet row group whole (parquet decodes no less, so a row group cut in two is decoded twice).
@@ -186,7 +192,9 @@ def open_corpus(dataset: str = HF_DATASET, *, subsets: str | None = None, split:
 # Local files
 
 
-def _expand_globs(patterns: list[str]) -> list[Path]:
+def _expand_globs(patterns: list[str], kinds=None, what: str = "parquet, jsonl and txt") -> list[Path]:
+    """The files the globs match, in order, each once; every one must have a suffix in `kinds`."""
+    kinds = _PARTS if kinds is None else kinds
     paths: list[Path] = []
     for pattern in patterns:
         found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -194,11 +202,11 @@ def _expand_globs(patterns: list[str]) -> list[Path]:
         if not found:
             raise DataError(f"--data-files {pattern!r} matches no files (relative paths start at "
                             f"{os.getcwd()}). Quote the glob so the shell does not expand it, e.g. "
-                            "--data-files 'corpus/*.parquet'; parquet, jsonl and txt are read.")
+                            f"--data-files 'corpus/*.parquet'; {what} are read.")
         for p in found:
-            if p.suffix.lower() not in _PARTS:
-                raise DataError(f"Cannot read {p}: --data-files takes .parquet, .jsonl (one JSON object per "
-                                "line) and .txt (documents separated by a blank line).")
+            if p.suffix.lower() not in kinds:
+                raise DataError(f"Cannot read {p}: --data-files takes {what} files here "
+                                f"({', '.join(sorted(kinds))}).")
         paths += [p for p in found if p not in paths]
     return paths
 
@@ -409,6 +417,13 @@ _PARTS = {".parquet": _parquet_parts, ".jsonl": _text_parts, ".txt": _text_parts
 
 
 def _dataset_corpus(dataset: str, subsets: str | None, split: str, column: str) -> Corpus:
+    path, info, names = _resolve_dataset(dataset, subsets)
+    info |= {"split": split, "text_column": column}
+    return Corpus(Path(path).name, info, lambda counts: _read_dataset(path, names, split, column))
+
+
+def _resolve_dataset(dataset: str, subsets: str | None) -> tuple[str, dict, list[str]]:
+    """A Hub id (checked reachable) or a local directory, and its configs: (path, info, config names)."""
     local = Path(dataset).expanduser()
     if local.is_dir():
         path, info = str(local.resolve()), {"source": "dir"}
@@ -420,8 +435,7 @@ def _dataset_corpus(dataset: str, subsets: str | None, split: str, column: str) 
                         f"Hugging Face dataset id such as {HF_DATASET} (the default) nor a local directory "
                         f"(relative paths start at {os.getcwd()}). For loose files use --data-files.")
     names = _subsets(path, subsets)
-    info |= {"dataset": path, "subsets": names, "split": split, "text_column": column}
-    return Corpus(Path(path).name, info, lambda counts: _read_dataset(path, names, split, column))
+    return path, info | {"dataset": path, "subsets": names}, names
 
 
 def _offline_error(dataset: str, reason: str) -> DataError:
@@ -483,8 +497,22 @@ def _subsets(dataset: str, subsets: str | None) -> list[str]:
 
 
 def _read_dataset(dataset: str, subsets: list[str], split: str, column: str) -> Iterator[str]:
-    """Round-robin over the subsets, so any prefix of the stream (the tokenizer sample, a --max-bytes
-    cap) mixes all of them instead of being the first subset alone."""
+    """The text column of `_stream_dataset`'s records."""
+    for name, record in _stream_dataset(dataset, subsets, split):
+        if column not in record:
+            raise DataError(f"{dataset} ({name}) has no column {column!r} (it has {sorted(record)}); "
+                            "pick one with --text-column.")
+        text = record[column]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{dataset} ({name}): column {column!r} holds {type(text).__name__}, not "
+                            "text. Pick a text column with --text-column (string columns here: "
+                            f"{', '.join(k for k, v in record.items() if isinstance(v, str)) or 'none'}).")
+        yield text or ""
+
+
+def _stream_dataset(dataset: str, subsets: list[str], split: str) -> Iterator[tuple[str, dict]]:
+    """(config, record) pairs, round-robin over the configs, so any prefix of the stream (the tokenizer
+    sample, a --max-bytes cap) mixes all of them instead of being the first config alone."""
     import datasets
 
     with _datasets_errors(dataset):
@@ -495,12 +523,85 @@ def _read_dataset(dataset: str, subsets: list[str], split: str, column: str) -> 
                 if record is None:
                     del streams[name]
                     continue
-                if column not in record:
-                    raise DataError(f"{dataset} ({name}) has no column {column!r} (it has {sorted(record)}); "
-                                    "pick one with --text-column.")
-                text = record[column]
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"{dataset} ({name}): column {column!r} holds {type(text).__name__}, not "
-                                    "text. Pick a text column with --text-column (string columns here: "
-                                    f"{', '.join(k for k, v in record.items() if isinstance(v, str)) or 'none'}).")
-                yield text or ""
+                yield name, record
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: conversations for prepare.py --chat
+
+
+def open_records(dataset: str = "sample", *, subsets: str | None = None, split: str = "train",
+                 data_files: list[str] | None = None, max_records: int | None = None,
+                 exclude: Iterable[Path] = ()) -> Corpus:
+    """Like `open_corpus`, but each item is a record (a dict of its columns), not one text column.
+
+    `dataset` is 'sample' (the conversation sample shipped in nanokor/data/chat_sample), a local
+    directory or a Hub id, streamed with `datasets`; `data_files` are local .jsonl (a record per line),
+    .json (one list of records, read whole, as ShareGPT dumps come) and .parquet files."""
+    if data_files:
+        excluded = {p.resolve() for p in exclude}
+        paths = [p for p in _expand_globs(data_files, _RECORDS, "jsonl, json and parquet")
+                 if p.resolve() not in excluded]
+        if not paths:
+            raise DataError(f"--data-files {' '.join(data_files)} matches only files that --val-files holds out; "
+                            "name the training files with --data-files and the held-out ones with --val-files.")
+        name, info = _name_from_globs(data_files), {"source": "files", "data_files": list(data_files),
+                                                    "files": [str(p) for p in paths]}
+    elif dataset == "sample":
+        paths = sorted(CHAT_SAMPLE_DIR.glob("*.jsonl"))
+        if not paths:
+            raise DataError(f"The embedded Korean conversation sample is missing: no .jsonl files in "
+                            f"{CHAT_SAMPLE_DIR}. Reinstall nanokor from a full checkout, or pass your own "
+                            "conversations with --data-files.")
+        name, info = "sample", {"source": "sample", "files": [p.name for p in paths]}
+    else:
+        path, info, names = _resolve_dataset(dataset, subsets)
+        corpus = Corpus(Path(path).name, info | {"split": split},
+                        lambda counts: (record for _, record in _stream_dataset(path, names, split)))
+        corpus.max_docs = max_records
+        return corpus
+    corpus = Corpus(name, info, lambda counts: chain.from_iterable(_RECORDS[p.suffix.lower()](p, counts)
+                                                                   for p in paths))
+    corpus.max_docs = max_records
+    return corpus
+
+
+def _jsonl_records(path: Path, counts: Counter) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, counts))
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                counts["bad_jsonl_lines"] += 1
+                continue
+            yield record
+
+
+def _json_records(path: Path, counts: Counter) -> Iterator[dict]:
+    try:
+        data = json.loads(_decode(path.read_bytes(), counts))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}). A .json file holds one list of records; put one "
+                        "record per line in a .jsonl file instead.") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of records. A .json file holds "
+                        "one list of records; put one record per line in a .jsonl file instead.")
+    for record in data:
+        if isinstance(record, dict):
+            yield record
+        else:
+            counts["bad_json_records"] += 1
+
+
+def _parquet_records(path: Path, counts: Counter) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+_RECORDS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}

@@ -81,7 +81,7 @@ def _encode_ids(sp, utf8s: list[bytes]) -> list[np.ndarray]:
     return [np.array(doc, np.int32) for doc in sp.encode(utf8s, num_threads=1)]
 
 
-def _ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
+def ordered_map(fn, items: Iterable, num_proc: int, init, init_args) -> Iterator:
     """map(fn, items) over `num_proc` worker processes, in order, with at most 4 tasks per worker in
     flight: enough queued work that a worker never waits on this process (reading the Hugging Face
     stream in bursts, or writing), while results never pile up, so memory stays bounded for any corpus."""
@@ -124,7 +124,7 @@ def encode_to_shards(tasks: Iterable, tokenizer: Tokenizer, out_dir: str | Path,
     cleaning: Counter = Counter()
     seen: set[int] = set()
     tagged = chain(((True, t) for t in val_tasks), ((False, t) for t in tasks))
-    results = _ordered_map(_encode_part, tagged, num_proc, _init_worker, (tokenizer.model_bytes,))
+    results = ordered_map(_encode_part, tagged, num_proc, _init_worker, (tokenizer.model_bytes,))
     for r in results:
         cleaning.update(r["counts"])
         new = _first_seen(r["keys"], seen)

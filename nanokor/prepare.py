@@ -20,10 +20,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 import nanokor
+from nanokor import chat_data
+from nanokor.chat_format import require_chat_tokens
 from nanokor.corpus import HF_DATASET, clean, open_corpus
 from nanokor.encode import doc_key, encode_to_shards, split_of
 from nanokor.errors import DataError
-from nanokor.shards import DataDir
+from nanokor.shards import CONVERSATIONS, DOCUMENTS, DataDir
 from nanokor.tokenizer import DEFAULT_VOCAB, Tokenizer, train_tokenizer
 
 # The embedded sample has ~100 documents: 1% would leave validation with one or two of them.
@@ -33,6 +35,7 @@ TOKENIZER_SAMPLE_BYTES = 50_000_000
 SHARD_TOKENS = 100_000_000  # 200 MB files
 ALL_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 SAMPLE_COMMAND = "python prepare.py --dataset sample"
+DEFAULT_CONTEXT = 1024  # --chat: the longest conversation kept fits config/base.py's block_size
 
 
 def default_out(corpus_name: str) -> Path:
@@ -121,6 +124,7 @@ def _write_data(staging: DataDir, corpus, val_corpus, tokenizer: Tokenizer, toke
         "cleaning": dict(Counter(result["cleaning"]) + corpus.counts),  # read problems: workers' and ours
         "splits": splits,
         "tokenizer": {**tokenizer_meta, **tokenizer_info},
+        "content": DOCUMENTS,
         "compression": {"split": held_out, "bytes_per_token": s["bytes"] / text_tokens,
                         "hangul_per_token": s["hangul"] / text_tokens},
         "document_framing": "<s> text </s>",
@@ -129,6 +133,135 @@ def _write_data(staging: DataDir, corpus, val_corpus, tokenizer: Tokenizer, toke
     }
     staging.write_meta(meta)
     return meta
+
+
+def build_chat(corpus, out: Path, *, command: str, tokenizer_path: str, val_corpus=None, layout: str | None = None,
+               columns: dict | None = None, context: int = DEFAULT_CONTEXT, val_fraction: float | None = None,
+               shard_tokens: int = SHARD_TOKENS, num_proc: int = ALL_CORES, overwrite: bool = False) -> dict:
+    """Prepare the conversations of `corpus` (nanokor.corpus.open_records) into chat shards at `out`, with
+    the base model's tokenizer (`tokenizer_path`: a .model or a checkpoint); returns meta.json's contents.
+
+    `layout` (chat_data.LAYOUTS) is detected from the first record when None; `columns` maps a layout's
+    fields to other column names. Conversations longer than `context` + 1 tokens are left out, counted."""
+    if val_fraction is None:
+        val_fraction = 0.0 if val_corpus else DEFAULT_VAL_FRACTION.get(corpus.info["source"], DEFAULT_VAL_FRACTION_OTHER)
+    tokenizer = load_chat_tokenizer(tokenizer_path)
+    check_output_dir(out, overwrite)
+    first = next(iter(corpus.documents()), None)
+    if first is None:
+        raise DataError(f"{describe_records(corpus.info)} holds no records. Check the source.")
+    layout, column_of = chat_data.resolve_layout(first, layout, columns or {})
+    held_first = next(iter(val_corpus.documents()), None) if val_corpus else None
+    if held_first is not None:
+        chat_data.resolve_layout(held_first, layout, columns or {})  # the same layout, or a clear error now
+    print(f"{describe_records(corpus.info)}{f'; at most {corpus.max_docs:,} records' if corpus.max_docs else ''}: "
+          f"{layout} conversations, {chat_data.LAYOUTS[layout].holds} (" +
+          ", ".join(f"{field} <- {column!r}" if field != column else repr(column)
+                    for field, column in column_of.items()) + f"); context {context} tokens")
+
+    staging = DataDir(staging_dir(out))
+    try:
+        meta = _write_chat_data(staging, corpus, val_corpus, tokenizer, layout, column_of, context, val_fraction,
+                                shard_tokens, num_proc, command, tokenizer_path)
+    except Exception:  # a refusal leaves nothing; a kill leaves <out>.partial
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    replace_dir(staging.path, out)
+    report_chat(out, meta)
+    return meta
+
+
+def _write_chat_data(staging: DataDir, corpus, val_corpus, tokenizer: Tokenizer, layout: str, column_of: dict,
+                     context: int, val_fraction: float, shard_tokens: int, num_proc: int, command: str,
+                     tokenizer_path: str) -> dict:
+    """The tokenizer, the chat shards and meta.json (last) into `staging`; returns meta."""
+    tokenizer_meta = staging.write_tokenizer(tokenizer)
+    t0 = time.time()
+    with tqdm(unit="conv", unit_scale=True, desc="render", disable=None) as bar:
+        n_tokens = 0
+
+        def progress(records: int, tokens: int) -> None:
+            nonlocal n_tokens
+            n_tokens += tokens
+            bar.update(records)
+            bar.set_postfix_str(f"{n_tokens / max(time.time() - t0, 1e-9) / 1e3:.0f}k tok/s", refresh=False)
+
+        result = chat_data.encode_conversations(
+            corpus.documents(), tokenizer, staging.path, layout=layout, columns=column_of, context=context,
+            val_fraction=val_fraction, shard_tokens=shard_tokens, num_proc=num_proc, progress=progress,
+            val_records=val_corpus.documents() if val_corpus else ())
+    seconds = time.time() - t0
+    splits, left_out = result["splits"], result["left_out"]
+    if splits["train"]["conversations"] == 0:
+        raise DataError(f"No training conversations were written: of the records read, {left_out['total']:,} "
+                        f"were left out ({', '.join(f'{k} {v:,}' for k, v in left_out['kinds'].items()) or 'none'}) "
+                        "and the rest were duplicates or in validation. " + (
+                            f"The first: {next(iter(left_out['examples'].values()))}. " if left_out['examples'] else "")
+                        + "Check the source, --chat-format, --columns and --context.")
+    meta = {
+        "nanokor_version": nanokor.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "content": CONVERSATIONS,
+        "corpus": {**corpus.info, "max_docs": corpus.max_docs, "layout": layout, "columns": column_of},
+        "val_files": val_corpus.info["files"] if val_corpus else None,
+        "val_fraction": val_fraction,
+        "context": context,
+        "cleaning": dict(Counter(result["cleaning"]) + corpus.counts + (val_corpus.counts if val_corpus else Counter())),
+        "left_out": left_out,
+        "splits": splits,
+        "tokenizer": {**tokenizer_meta, "reused": str(tokenizer_path)},
+        "chat_format": "nanokor/chat_format.py: <s>, then <|im_start|>role\\n content <|im_end|>\\n per turn; "
+                       "trained: assistant content and its <|im_end|>",
+        "encode_seconds": round(seconds, 2),
+        "shards": result["shards"],
+    }
+    staging.write_meta(meta)
+    return meta
+
+
+def load_chat_tokenizer(path: str) -> Tokenizer:
+    """--tokenizer for --chat: a SentencePiece .model or a checkpoint (.pt) that carries one; it must hold
+    the chat tokens."""
+    if Path(path).suffix == ".pt":
+        from nanokor.checkpoint import build_tokenizer, load_checkpoint  # torch: only on this path
+
+        tokenizer = build_tokenizer(load_checkpoint(path, mmap=True))
+    else:
+        try:
+            tokenizer = Tokenizer.load(path)
+        except OSError as e:
+            raise DataError(f"Cannot read --tokenizer {path}: {e.strerror}.") from None
+    require_chat_tokens(tokenizer, f"--tokenizer {path}")
+    return tokenizer
+
+
+def describe_records(info: dict) -> str:
+    """What --chat reads, said before reading."""
+    if info["source"] == "sample":
+        return f"reading the embedded Korean conversation sample ({', '.join(info['files'])})"
+    if info["source"] == "files":
+        names = ", ".join(Path(f).name for f in info["files"][:3]) + (" ..." if len(info["files"]) > 3 else "")
+        return f"reading {len(info['files'])} local file(s) ({names})"
+    where = "the Hugging Face Hub" if info["source"] == "hub" else "a local dataset directory"
+    return (f"reading {info['dataset']} from {where}, streamed: {len(info['subsets'])} config(s) "
+            f"({', '.join(info['subsets'])}), split {info['split']!r}")
+
+
+def report_chat(out: Path, meta: dict) -> None:
+    for name, s in meta["splits"].items():
+        print(f"{name:>5}: {s['conversations']:>9,} conversations {s['replies']:>9,} replies {s['tokens']:>12,} tokens "
+              f"({s['trained_tokens']:,} trained) in {len(meta['shards'][name])} shard(s)")
+    left = meta["left_out"]
+    if left["total"]:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in left["kinds"].items())
+        print(f"left out: {left['total']:,} malformed conversation(s), never trained on: {kinds}; the first of each "
+              f"kind is in {out / DataDir.META} (left_out.examples)")
+    else:
+        print("left out: none (every conversation is well formed and fits the context)")
+    cleaning = ", ".join(f"{k} {v:,}" for k, v in sorted(meta["cleaning"].items())) or "nothing to clean"
+    print(f"cleaning: {cleaning}")
+    print(f"rendered in {meta['encode_seconds']:.1f} s -> {out}")
 
 
 def sample_missing(data_dir) -> bool:

@@ -55,3 +55,15 @@ def compile_spy(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
     return calls
+
+
+@pytest.fixture(scope="session")
+def sample_chat_dir(sample_data_dir, tmp_path_factory) -> Path:
+    """`python prepare.py --chat --dataset sample --tokenizer <the sample's tokenizer.model>`, once per
+    session: the embedded conversation sample as chat shards (data/sample-chat)."""
+    out = tmp_path_factory.mktemp("data") / "sample-chat"
+    proc = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--chat", "--dataset", "sample", "--tokenizer",
+                           str(sample_data_dir / "tokenizer.model"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
