@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py config/base.py        # one 8-GPU node
     python train.py config/tiny.py --deepspeed=config/ds_zero2.json         # DeepSpeed ZeRO-2
     python train.py config/tiny.py --init_from=resume                       # continue out_dir/last.pt
+    python train.py config/sft_tiny.py --init_from=out/last.pt --out_dir=out-sft   # SFT on data/sample-chat
 
 Config files are plain Python; any key can be overridden with --key=value (see nanokor/config.py).
 Writes to out_dir: config.json, metrics.jsonl, last.pt, best-<step>.pt and best.json.
@@ -17,21 +18,21 @@ from contextlib import contextmanager
 
 import torch
 
-from nanokor.checkpoint import BestCheckpoints, LoopState, set_rng_state
-from nanokor.config import TrainConfig, format_config, load_config, model_config, save_config
+from nanokor.checkpoint import BestCheckpoints, LoopState, load_pretrained, set_rng_state
+from nanokor.config import INIT_FROM, TrainConfig, format_config, load_config, model_config, save_config
 from nanokor.device import estimate_mfu
 from nanokor.distributed import Env, all_reduce_sum, init_distributed, shutdown
 from nanokor.engine import build_engine, engine_class
 from nanokor.errors import CheckpointError, ConfigError, NanokorError, PromptError, TrainingError, exit_on_error
 from nanokor.evaluate import evaluate_loss
-from nanokor.generate import encode_prompt, generate, room_to_generate
-from nanokor.loader import TrainLoader, ValBatches
+from nanokor.generate import generate, room_to_generate
+from nanokor.loader import open_loaders
 from nanokor.logger import make_logger
 from nanokor.model import Transformer
 from nanokor.optim import make_schedule
 from nanokor.prepare import SAMPLE_COMMAND, prepare_sample, sample_missing
 from nanokor.rundir import RunDir
-from nanokor.shards import DataDir
+from nanokor.shards import DataDir, Prompt
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
 def train(cfg, env: Env) -> dict:
     run = RunDir(cfg.out_dir)
     with owned(run, env):
-        if cfg.init_from == "scratch" and run.last.exists():
-            raise ConfigError(f"{run} already holds a run (last.pt); starting from scratch would overwrite its "
-                              "checkpoints and metrics. Continue it with --init_from=resume, train into another "
-                              f"directory with --out_dir=..., or delete {run} to start over.")
+        if cfg.init_from != "resume" and run.last.exists():
+            raise ConfigError(f"{run} already holds a run (last.pt); starting a new one (init_from={cfg.init_from}) "
+                              "would overwrite its checkpoints and metrics. Continue it with --init_from=resume, "
+                              f"train into another directory with --out_dir=..., or delete {run} to start over.")
         if cfg.init_from == "resume" and not run.last.exists():
             raise ConfigError(f"--init_from=resume: {run} holds no run to resume (no last.pt). Pass the --out_dir of "
                               "the run to continue, or start a new one with --init_from=scratch (the default).")
@@ -61,16 +62,17 @@ def train(cfg, env: Env) -> dict:
             return train_loop(cfg, env, run, data, loader, val_batches)
 
 
-def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, val_batches: ValBatches) -> dict:
+def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader, val_batches) -> dict:
     if env.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     torch.manual_seed(cfg.seed + env.rank)  # distinct dropout masks per rank
     tokenizer = data.tokenizer
     token_bytes = torch.tensor(tokenizer.token_bytes, device=env.device)
-    check_sample_prompt(cfg, tokenizer)  # now, not at the first evaluation hundreds of steps in
+    sample_prompt = check_sample_prompt(cfg, data)  # now, not at the first evaluation hundreds of steps in
 
     # ---- model and engine (the engine places the model and builds its optimizer) ---------------
     model = Transformer(model_config(cfg, tokenizer.vocab_size))
+    init_weights(model, cfg, tokenizer)
     engine = build_engine(model, cfg, env)
     schedule = make_schedule(cfg)
 
@@ -93,6 +95,9 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
                 f"{engine.name}")
     logger.info(f"tokens per step: {cfg.batch_size} seqs x {cfg.block_size} tokens x {cfg.grad_accum} micro-steps "
                 f"x {env.world_size} processes = {tokens_per_step:,}")
+    logger.info(f"data: {data} | {loader.summary} | {val_batches.summary}")
+    if cfg.init_from not in INIT_FROM:
+        logger.info(f"starting from the weights of {cfg.init_from} (optimizer and schedule fresh)")
     if state.step:
         logger.info(f"resumed from {run} at step {state.step:,} ({state.tokens_seen:,} tokens seen)")
 
@@ -104,13 +109,13 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
             state.step += 1
             step, lr = state.step, schedule(state.step)
             loss_sum = torch.zeros((), device=env.device)
-            for micro in range(cfg.grad_accum):
-                x, y = loader.next_batch()
+            batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+            for micro, ((x, y), share) in enumerate(zip(batches, target_shares(batches, env))):
                 with engine.grad_sync(last=micro == cfg.grad_accum - 1):
                     with engine.autocast():
                         _, loss = engine.model(x, y, label_smoothing=cfg.label_smoothing, loss_only=True)
-                    engine.backward(loss)
-                loss_sum += loss.detach()
+                    engine.backward(loss * share)
+                loss_sum += loss.detach() * share
             grad_norm, applied = engine.step(lr)  # clips; skips the update if the gradient is not finite
             state.tokens_seen += tokens_per_step
 
@@ -144,12 +149,12 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader: TrainLoader, v
                 logger.info(f"step {step:,}: val loss {state.val['loss']:.4f}, ppl {state.val['ppl']:.2f}, "
                             f"bpb {state.val['bpb']:.4f}")
                 if cfg.sample_tokens:  # every rank generates (ZeRO-3 gathers weights collectively); one logs
-                    text = korean_sample(engine, tokenizer, cfg, env.device)
+                    text = korean_sample(engine, tokenizer, cfg, sample_prompt, env.device)
                     logger.log({"step": step, "sample": text})
                     logger.info(f"sample: {text}")
             # A skipped update may follow the one that ruined the weights: keep the last good checkpoint.
             if (evaluating or stopping) and not nonfinite_run:
-                save_last(engine, run, state, best, loader, cfg, tokenizer, env)
+                save_last(engine, run, state, best, loader, cfg, data, env)
                 saved_step = step
             if evaluating or stopping:
                 t_last = time.perf_counter()  # evaluation and saving are not training time
@@ -194,22 +199,18 @@ def on_rank0(fn, env: Env) -> None:
 @contextmanager
 def opened_data(cfg, env: Env):
     """The prepared data, the training loader and the validation batches (built once, checked now),
-    closed when the run ends. The embedded sample is prepared on first use (a fresh clone's first
-    `python train.py config/tiny.py` trains); any other missing data stays an error that says how to make it."""
+    closed when the run ends: windows of a token stream, or for conversations (prepare.py --chat) whole
+    ones packed into rows whose targets are the assistant's tokens alone. The embedded sample is prepared
+    on first use (a fresh clone's first `python train.py config/tiny.py` trains); any other missing data
+    stays an error that says how to make it."""
     if sample_missing(cfg.data_dir):
         if env.is_master:
             print(f"{cfg.data_dir} is not prepared yet: preparing the embedded Korean sample into it first "
                   f"(`{SAMPLE_COMMAND}`, about a second)")
         on_rank0(lambda: prepare_sample(cfg.data_dir), env)
     data = DataDir(cfg.data_dir)
-    loader = TrainLoader(data, cfg.block_size, cfg.batch_size, rank=env.rank, world_size=env.world_size,
-                         seed=cfg.seed, device=env.device)
-    try:
-        val_batches = ValBatches(data, cfg.block_size, cfg.batch_size, cfg.eval_tokens, rank=env.rank,
-                                 world_size=env.world_size, device=env.device)
-    except BaseException:
-        loader.close()
-        raise
+    loader, val_batches = open_loaders(data, cfg.block_size, cfg.batch_size, cfg.eval_tokens, rank=env.rank,
+                                       world_size=env.world_size, seed=cfg.seed, device=env.device)
     try:
         yield data, loader, val_batches
     finally:
@@ -217,17 +218,29 @@ def opened_data(cfg, env: Env):
         val_batches.close()
 
 
-def check_sample_prompt(cfg, tokenizer) -> None:
-    """The eval sample's prompt must leave room to generate within block_size."""
-    if cfg.sample_tokens:
-        try:
-            room_to_generate(len(encode_prompt(tokenizer, cfg.sample_prompt)), cfg.sample_tokens, cfg.block_size)
-        except PromptError as e:
-            raise ConfigError(f"sample_prompt leaves no room to generate within block_size: {e} Or turn the eval "
-                              "sample off with --sample_tokens=0.") from None
+def check_sample_prompt(cfg, data: DataDir) -> Prompt | None:
+    """The eval sample's prompt as the data frames text: a document's start, or, for conversations, a
+    user's question for the chat model to answer. It must leave room to generate within block_size."""
+    if not cfg.sample_tokens:
+        return None
+    try:
+        prompt = data.prompt(cfg.sample_prompt)
+        room_to_generate(len(prompt.ids), cfg.sample_tokens, cfg.block_size)
+    except PromptError as e:
+        raise ConfigError(f"sample_prompt leaves no room to generate within block_size: {e} Or turn the eval "
+                          "sample off with --sample_tokens=0.") from None
+    return prompt
 
 
-def resume(engine, loader: TrainLoader, run: RunDir, env: Env) -> LoopState:
+def init_weights(model, cfg, tokenizer) -> None:
+    """init_from=<checkpoint>: start from its weights alone (the optimizer and the schedule start fresh:
+    fine-tuning, SFT). Loaded before the engine wraps the model, so DDP's first broadcast and DeepSpeed's
+    partitioning start from them. scratch and resume keep the fresh init (resume loads later)."""
+    if cfg.init_from not in INIT_FROM:
+        load_pretrained(model, cfg.init_from, tokenizer)
+
+
+def resume(engine, loader, run: RunDir, env: Env) -> LoopState:
     """Load weights and optimizer (the engine knows from where), then the loader position and every
     RNG, so the run continues exactly; returns the saved loop state."""
     state = engine.resume(run)
@@ -277,6 +290,17 @@ class StopSignal:
         self.requested = True
 
 
+def target_shares(batches, env: Env) -> list[torch.Tensor]:
+    """Each micro-batch's weight in the step's loss, so that the gradient is the mean over every target
+    token of the global batch (all micro-steps, all ranks), however many of them each batch holds: the
+    engine divides by the micro-steps and DDP averages the ranks, hence the factor. Windows of documents
+    hold equally many targets, so each share is exactly 1; rows of conversations do not (only assistant
+    tokens are targets), and a batch with more of them counts for more, as in one large batch."""
+    counts = torch.stack([(y >= 0).sum() for _, y in batches]).float()
+    total = all_reduce_sum(counts.sum())
+    return list(counts * (len(batches) * env.world_size) / total)
+
+
 def memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -284,24 +308,26 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def korean_sample(engine, tokenizer, cfg, device) -> str:
-    """A short continuation of cfg.sample_prompt. Its own seeded generator leaves the training RNG alone."""
-    prompt = encode_prompt(tokenizer, cfg.sample_prompt)
-    n_new = room_to_generate(len(prompt), cfg.sample_tokens, cfg.block_size)
+def korean_sample(engine, tokenizer, cfg, prompt: Prompt, device) -> str:
+    """What the model writes after cfg.sample_prompt (a continuation, or a chat model's reply), up to its
+    stop id. Its own seeded generator leaves the training RNG alone."""
+    n_new = room_to_generate(len(prompt.ids), cfg.sample_tokens, cfg.block_size)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with engine.autocast():
-        ids = [int(t) for t in generate(engine.module, torch.tensor([prompt], device=device), n_new,
-                                        temperature=0.8, top_k=50, stop_ids=tokenizer.eos_id, generator=generator)]
-    return cfg.sample_prompt + tokenizer.decode(ids)
+        ids = [int(t) for t in generate(engine.module, torch.tensor([prompt.ids], device=device), n_new,
+                                        temperature=0.8, top_k=50, stop_ids=prompt.stop_ids, generator=generator)]
+    return prompt.lead + tokenizer.decode(ids)
 
 
-def save_last(engine, run: RunDir, state: LoopState, best: BestCheckpoints, loader: TrainLoader, cfg, tokenizer,
+def save_last(engine, run: RunDir, state: LoopState, best: BestCheckpoints, loader, cfg, data: DataDir,
               env: Env) -> None:
-    """Write last.pt (atomically; every rank takes part) and keep it among the best if it ranks."""
+    """Write last.pt (atomically; every rank takes part) and keep it among the best if it ranks. A model
+    trained on conversations is a chat model: its checkpoint says so ("chat"), for chat.py and the exports."""
     fresh = state.val is not None and state.val["step"] == state.step  # evaluated just now, not a signal's save
     state.best = best.with_candidate(state.step, state.val["loss"]) if fresh else best.entries
     state.loader = loader.state_dict()
-    engine.save(run, state, {"tokenizer": tokenizer.model_bytes, "train_config": cfg.to_dict()})
+    engine.save(run, state, {"tokenizer": data.tokenizer.model_bytes, "train_config": cfg.to_dict(),
+                             "chat": data.holds_conversations})
     if fresh and env.is_master:
         best.keep(state.step, state.val["loss"])
 

@@ -89,6 +89,21 @@ def check_architecture(saved: dict, config: ModelConfig, where) -> None:
                               "started with, or start a new run in another --out_dir.")
 
 
+def load_pretrained(model: Transformer, path, tokenizer) -> None:
+    """Load a checkpoint's weights alone into `model` (built from the same architecture): a new run, such
+    as SFT, starts from them with a fresh optimizer and schedule. The checkpoint's tokenizer must be
+    the one the run's data was tokenized with, or its token ids would mean other text."""
+    ckpt = load_checkpoint(path)
+    saved = build_tokenizer(ckpt)
+    if saved.sha256 != tokenizer.sha256:
+        raise CheckpointError(f"{path} was trained with tokenizer {saved.sha256[:12]}…, but the run's data is tokenized "
+                              f"with {tokenizer.sha256[:12]}…: the same ids would mean other text. Prepare the data "
+                              f"with that model's tokenizer (prepare.py --chat ... --tokenizer {path}) and point "
+                              "data_dir at it.")
+    check_architecture(ckpt["model_config"] | {"max_seq_len": model.config.max_seq_len}, model.config, path)
+    model.load_state_dict(ckpt["model"])
+
+
 def build_model(ckpt: dict) -> Transformer:
     """The model a checkpoint describes, with its weights loaded (on CPU, in eval mode). It runs with the
     default runtime settings (best attention backend here, no dropout): how a model was trained to run

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from nanokor.atomic import atomic_write
-from nanokor.errors import ConfigError
+from nanokor.errors import CheckpointError, ConfigError
 from nanokor.model import ModelConfig
 
 _MODEL = {f.name: f.default for f in fields(ModelConfig)}  # architecture defaults live in the model's config
@@ -30,7 +30,7 @@ class TrainConfig:
     # ---- run ----
     out_dir: str = "out"  # checkpoints, metrics.jsonl, config.json
     data_dir: str = "data/sample"  # written by prepare.py: tokenizer.model, train_*.bin, val_*.bin
-    init_from: str = "scratch"  # scratch | resume (continue from out_dir/last.pt)
+    init_from: str = "scratch"  # scratch | resume (continue from out_dir/last.pt) | a checkpoint to start from (SFT)
     seed: int = 1337
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; bf16 is autocast over fp32 weights
@@ -90,8 +90,8 @@ class TrainConfig:
         return asdict(self)
 
 
+INIT_FROM = ("scratch", "resume")  # or the path of a checkpoint whose weights a new run starts from
 CHOICES = {
-    "init_from": ("scratch", "resume"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "bf16", "fp32"),
     "optimizer": ("adamw", "muon"),
@@ -120,6 +120,7 @@ def load_config(argv: list[str]) -> TrainConfig:
         else:
             values.update(_read_config_file(arg))
     cfg = TrainConfig(**{**values, **flags})
+    adopt_architecture(cfg, set(values) | set(flags))
     validate(cfg)
     if {**values, **flags}.get("cooldown_frac") and cfg.schedule != "noam":
         # The default cooldown is Noam's and other schedules ignore it; one asked for by name is a mistake.
@@ -212,12 +213,45 @@ def validate(cfg: TrainConfig) -> None:
                         f"{cfg.embed_lr}, {cfg.muon_lr} and {cfg.muon_momentum}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         problems.append(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
+    if cfg.init_from not in INIT_FROM and not Path(cfg.init_from).is_file():
+        problems.append(f"init_from must be scratch, resume or the path of a checkpoint to start from (e.g. "
+                        f"out/last.pt); {cfg.init_from!r} is neither, nor a file")
     if problems:
         raise ConfigError("Invalid config: " + "; ".join(problems) + ". Fix the config file or pass --key=value.")
     try:
         model_config(cfg, vocab_size=256)
     except ValueError as e:
         raise ConfigError(f"{e} Adjust the model keys ({', '.join(MODEL_KEYS)}).") from None
+
+
+def adopt_architecture(cfg: TrainConfig, given: set[str]) -> None:
+    """A run that starts from a checkpoint (init_from=<path>) or continues one (resume, from
+    out_dir/last.pt) takes that checkpoint's architecture: the model keys the config files and flags
+    leave unset are set from it, so an SFT config needs none of them; one set to another value is an
+    error that names it. (block_size may differ from a checkpoint a run starts from: position tables are
+    not weights.)"""
+    path = Path(cfg.out_dir) / "last.pt" if cfg.init_from == "resume" else Path(cfg.init_from)
+    if cfg.init_from == "scratch" or not path.is_file():
+        return  # from scratch; or a resume with no last.pt to read, which the engine reports
+    from nanokor.checkpoint import load_checkpoint  # the checkpoint's metadata only (mmap)
+
+    saved = load_checkpoint(path, mmap=True)["model_config"]
+    keys = [k for k in MODEL_KEYS if k in saved]
+
+    def asked(key):  # n_kv_head 0 means n_head, which a checkpoint stores resolved
+        value = getattr(cfg, key)
+        if key == "n_kv_head" and value == 0:
+            return cfg.n_head if "n_head" in given else saved.get("n_head")
+        return value
+
+    diffs = [f"{k}: checkpoint {saved[k]!r}, config {asked(k)!r}" for k in keys if k in given and saved[k] != asked(k)]
+    if diffs:
+        what = "resume from" if cfg.init_from == "resume" else "start from"
+        raise CheckpointError(f"Cannot {what} {path}: its architecture differs from the config ({'; '.join(diffs)}). "
+                              "The architecture comes from the checkpoint: drop these keys from the config and "
+                              "flags, or start a new run from scratch in another --out_dir.")
+    for k in keys:
+        setattr(cfg, k, saved[k])
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
