@@ -144,7 +144,7 @@ def test_checkpoint_is_complete_for_sample_py(sample_data_dir, tmp_path):
     assert {t.dtype for t in ckpt["model"].values()} == {torch.float32}
     assert {"model_config", "model", "tokenizer", "train_config", "step", "tokens_seen", "optimizer", "loader",
             "rng", "best", "val"} <= ckpt.keys()
-    assert ckpt["train_config"]["compile"] is True
+    assert ckpt["train_config"]["compile"] is True and ckpt["chat"] is False  # a base model, not a chat model
     model, tokenizer = build_model(ckpt), build_tokenizer(ckpt)
     assert tokenizer.sha256 == build_tokenizer({"tokenizer": (sample_data_dir / "tokenizer.model").read_bytes()}).sha256
     idx = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("한국어")])
