@@ -228,10 +228,7 @@ def load_chat_tokenizer(path: str) -> Tokenizer:
 
         tokenizer = build_tokenizer(load_checkpoint(path, mmap=True))
     else:
-        try:
-            tokenizer = Tokenizer.load(path)
-        except OSError as e:
-            raise DataError(f"Cannot read --tokenizer {path}: {e.strerror}.") from None
+        tokenizer = Tokenizer.load(path)
     require_chat_tokens(tokenizer, f"--tokenizer {path}")
     return tokenizer
 

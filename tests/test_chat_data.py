@@ -174,7 +174,7 @@ def old_tokenizer_file(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("args, words", [
     (["--dataset", "sample"], "--chat needs --tokenizer"),
     (["--dataset", "sample", "--tokenizer", "OLD"], "without the chat tokens"),
-    (["--dataset", "sample", "--tokenizer", "no/such.model"], "Cannot read --tokenizer"),
+    (["--dataset", "sample", "--tokenizer", "no/such.model"], "Cannot read the tokenizer"),
     (["--tokenizer", "TOK"], "holds documents"),
     (["--dataset", "sample", "--tokenizer", "TOK", "--vocab-size", "512"], "--vocab-size does not apply to --chat"),
     (["--dataset", "sample", "--tokenizer", "TOK", "--columns", "answer"], "field=column pairs"),
