@@ -65,6 +65,10 @@ class ChatError(NanokorError):
     """A conversation that cannot be rendered, or a tokenizer without the chat tokens."""
 
 
+class ServeError(NanokorError):
+    """The server cannot start: its optional dependencies (the serve extra) are missing."""
+
+
 class PlotError(NanokorError):
     """Nothing to plot, or a plot that cannot be drawn from the given run."""
 
