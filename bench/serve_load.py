@@ -16,7 +16,7 @@ The model runs on one core with one thread (the server pinned to CPU 0 with OMP_
 engine reference likewise), the clients on the other core: on a shared 2-core machine, two OpenMP
 threads per process make a tiny model several times slower, and the figures noise.
 
-    python bench/serve_load.py                          # tiny random chat model, levels 1,10,50
+    python bench/serve_load.py                          # the quickstart's shape (2.2M), levels 1,10,50
     python bench/serve_load.py --ckpt out-sft/last.pt --concurrency 1,8 --max-tokens 64
     flock /work/bench.lock python bench/serve_load.py   # timing: never beside another benchmark
 """
@@ -68,8 +68,8 @@ def parse_args():
 def make_checkpoint(args, path: Path) -> Path:
     """A random chat model (marked chat-trained, as SFT marks it) on a tokenizer trained on the sample."""
     tokenizer = train_tokenizer([normalize(d) for d in open_corpus("sample").documents()])
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=args.n_layer, n_head=4, n_kv_head=2,
-                         d_model=args.d_model, d_ff=args.d_model * 8 // 3 // 32 * 32, max_seq_len=1024, init_std=0.3)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=args.n_layer, n_head=4, n_kv_head=4,
+                         d_model=args.d_model, d_ff=3 * args.d_model, max_seq_len=1024, init_std=0.3)
     torch.manual_seed(0)
     model = Transformer(config)
     save_checkpoint({"model_config": config.architecture(), "model": model.state_dict(),

@@ -97,7 +97,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-Stop = Annotated[str, Field(min_length=1)]
+Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Generation(_Body):
@@ -220,8 +220,10 @@ def _fit(served: ServedModel, prompt_len: int, max_tokens: int | None, default: 
 
 
 def _generation(body: _Generation, prompts: list[list[int]], max_tokens: list[int], stop_ids) -> GenerationRequest:
-    greedy = body.temperature == 0  # top-k/top-p do not change a greedy choice: drop them, as 1.0 and 0 (off),
-    return GenerationRequest(  # so a compiled Decoder meets few distinct settings
+    # Top-k/top-p do not change a greedy choice: dropped, as are top_p 1 and top_k 0 (off), so a
+    # compiled Decoder meets as few distinct sampling settings as the requests allow.
+    greedy = body.temperature == 0
+    return GenerationRequest(
         prompts=tuple(map(tuple, prompts)), max_tokens=tuple(max_tokens), n=body.n, temperature=body.temperature,
         top_k=None if greedy or body.top_k == 0 else body.top_k,
         top_p=None if greedy or body.top_p == 1 else body.top_p,

@@ -256,6 +256,12 @@ def test_errors_are_the_clients_typed_exceptions(server, tokenizer):
     with pytest.raises(openai.BadRequestError):  # streaming requests are refused before the stream starts
         client.chat.completions.create(model="nanokor", top_p=0, stream=True, **chat)
     assert client.chat.completions.create(model="nanokor", max_tokens=2, **chat).choices[0].finish_reason
+    # OpenAI's other spellings: a developer message is the system message; content may be text parts.
+    ask = lambda messages: client.chat.completions.create(  # noqa: E731
+        model="nanokor", messages=messages, temperature=0, max_tokens=6).choices[0].message.content
+    assert ask([{"role": "developer", "content": SYSTEM}, {"role": "user", "content": [
+        {"type": "text", "text": QUESTION[:3]}, {"type": "text", "text": QUESTION[3:]}]}]) == \
+        ask([{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}])
 
 
 # Every malformed request gets a 4xx OpenAI error object, and the next valid request succeeds.
