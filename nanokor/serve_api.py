@@ -150,9 +150,9 @@ def _as_api_error(exc: Exception, request: Request) -> ApiError:
                                  "application/json (curl: -H 'Content-Type: application/json').", code="invalid_json")
         # A union (str or list of str) fails once per member: report the deepest path into the field
         # (stop.0: "at least 1 character"), or, where all fail at the top, what each member needed.
-        field = [e for e in errors if e["loc"][:2] == first["loc"][:2]]
-        param = max((_param(e["loc"]) for e in field), key=lambda p: (p or "").count(".") + 1 if p else 0)
-        same = [e["msg"] for e in field if _param(e["loc"]) == param]
+        field = [(_param(e["loc"]) or "", e["msg"]) for e in errors if e["loc"][:2] == first["loc"][:2]]
+        param = max((p for p, _ in field), key=lambda p: (bool(p), p.count("."))) or None
+        same = [msg for p, msg in field if p == (param or "")]
         others = len({_param(e["loc"][:2]) for e in errors}) - 1
         more = f" (and {others} more problem{'s' * (others > 1)})" if others else ""
         where = f"'{param}'" if param else "the request body"

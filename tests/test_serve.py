@@ -405,6 +405,23 @@ def test_a_full_queue_answers_503_at_once(chat_ckpt):
         assert client.completions.create(model="nanokor", prompt="옛날", max_tokens=2).choices[0].text is not None
 
 
+def test_a_failing_generation_is_a_500_error_object_and_the_worker_goes_on(server, monkeypatch):
+    real = generate
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("boom")
+        yield
+    monkeypatch.setattr("nanokor.serve_worker.generate", failing)
+    client = server.client()
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="nanokor", prompt="가", max_tokens=2)
+    assert e.value.status_code == 500 and "RuntimeError: boom" in e.value.message
+    with pytest.raises(openai.APIError, match="boom"):  # mid-stream, after the 200: an error event
+        list(client.completions.create(model="nanokor", prompt="가", max_tokens=2, stream=True))
+    monkeypatch.setattr("nanokor.serve_worker.generate", real)
+    assert client.completions.create(model="nanokor", prompt="가", max_tokens=2).choices[0].text is not None
+
+
 # ---- what the model can do, and the API key
 
 def test_chat_needs_chat_tokens_and_a_base_model_is_served_with_a_warning(tmp_path, tokenizer):
