@@ -39,7 +39,7 @@ import torch
 from nanokor.chat_format import render
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint, save_checkpoint
 from nanokor.corpus import normalize, open_corpus
-from nanokor.generate import generate
+from nanokor.generate import StreamDecoder, generate
 from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import train_tokenizer
 
@@ -193,7 +193,8 @@ def engine_alone(ckpt: Path, questions: list[str], max_tokens: int) -> tuple[flo
             ids, _ = render(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)
             out = [t.item() for t in generate(model, torch.tensor([ids]), max_tokens, temperature=0)]
             tokens += len(out)
-            texts.append(tokenizer.decode(out))  # control ids (a stray <|im_end|>) decode to nothing, as served
+            stream = StreamDecoder(tokenizer)  # sample.py's text (tokenizer.decode differs on invalid UTF-8)
+            texts.append("".join(stream.push(t) for t in out) + stream.flush())
         return tokens / (time.perf_counter() - start), texts
     finally:
         pin(CLIENT_CPU)

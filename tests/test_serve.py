@@ -23,7 +23,7 @@ import uvicorn
 from nanokor.chat_format import REPLY_STOP_IDS, render
 from nanokor.checkpoint import build_model, load_checkpoint, save_checkpoint
 from nanokor.errors import ServeError, exit_on_error
-from nanokor.generate import encode_prompt, generate
+from nanokor.generate import StreamDecoder, encode_prompt, generate
 from nanokor.serve import load_served, main as serve_main, require_serve_extra, warm_up
 from nanokor.serve_api import create_app
 from nanokor.serve_worker import Reply
@@ -111,13 +111,16 @@ def server(chat_ckpt):
 
 
 def reference(engine, tokenizer, ids, max_tokens, stop_ids):
-    """(text, tokens generated, finish reason) of nanokor's greedy generation: the stop id included."""
+    """(text, tokens generated, finish reason) of nanokor's greedy generation, the stop id included, the
+    text as sample.py streams it (StreamDecoder; it differs from tokenizer.decode only on invalid UTF-8)."""
     out = []
     for token in generate(engine, torch.tensor([ids]), max_tokens, temperature=0, stop_ids=stop_ids):
         out.append(token.item())
         if out[-1] in stop_ids:
-            return tokenizer.decode(out[:-1]), len(out), "stop"
-    return tokenizer.decode(out), len(out), "length"
+            break
+    stream = StreamDecoder(tokenizer)
+    text = "".join(stream.push(t) for t in out if t not in stop_ids) + stream.flush()
+    return text, len(out), "stop" if out[-1] in stop_ids else "length"
 
 
 def chat_ids(tokenizer, messages):
@@ -436,7 +439,6 @@ def test_chat_needs_chat_tokens_and_a_base_model_is_served_with_a_warning(tmp_pa
         raw = s.client().chat.completions.with_raw_response.create(
             model="nanokor", messages=[{"role": "user", "content": "안녕"}], max_tokens=3)
         assert "not chat-trained" in raw.headers["X-Nanokor-Warning"] and raw.parse().choices
-    with live(base) as s:
         assert httpx.get(s.url + "/v1/models").json()["data"][0]["chat_trained"] is False
 
 
