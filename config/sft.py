@@ -11,21 +11,22 @@ dtype = "bf16"
 compile = True
 
 # 16 rows x 1024 tokens x 8 GPUs = 131,072 tokens per step. prepare.py --chat's default --context is
-# 1024 too, so every conversation it keeps fits a row. train.py's log says how many rows an epoch packs:
-# max_steps = epochs x rows / 128.
+# 1024 too, so every conversation it keeps fits a row. The recipe trains 2 epochs: train.py's log says
+# how many rows an epoch packs, and max_steps = 2 x rows / 128. 800 is that for ~51k rows, a guess for
+# KULLM-v2's 152k records (about three to a row): set it from your log.
 block_size = 1024
 batch_size = 16
 grad_accum = 1
-max_steps = 1000
+max_steps = 800
 
-# The recipe bench/sft_recipe.py measured (README, "Chat"): every peak at SFT_SCALE x pretraining's (the
-# head's 3.4e-3, Muon's 0.02, the embedding's 0.2), a short warmup, then a linear decay to 0 over the run,
-# no weight decay.
+# The recipe bench/sft_recipe.py measured (README, "Chat"): every peak at 0.1 x pretraining's (the head's
+# 3.4e-3, Muon's 0.02, the embedding's 0.2), a 5% warmup, then a linear decay to 0 over the run, no
+# weight decay.
 optimizer = "muon"
 schedule = "wsd"
 decay_frac = 1.0  # the decay starts at the warmup's end
 min_lr = 0.0
-warmup_steps = 20
+warmup_steps = 40
 lr = 3.4e-3 * 0.1
 muon_lr = 0.02 * 0.1
 embed_lr = 0.2 * 0.1
