@@ -5,8 +5,9 @@ Which tensor gets which optimizer is decided in one place, `param_groups`:
     optimizer="adamw"  every tensor with AdamW: the block matrices and an untied LM head decay, the
                        embedding and the norms do not;
     optimizer="muon"   the 2-D weights inside the blocks (q/k/v/o, gate/up/down) with Muon
-                       (torch.optim.Muon: momentum, then Newton-Schulz orthogonalization of the update,
-                       scaled by sqrt(max(1, rows/cols)) so every shape moves its weights alike); the
+                       (torch.optim.Muon's step: momentum, then Newton-Schulz orthogonalization of the
+                       update, scaled by sqrt(max(1, rows/cols)) so every shape moves its weights alike;
+                       nanokor/muon.py splits the orthogonalization across ranks); the
                        embedding, the LM head and the norms with AdamW, since an orthogonalized update
                        means nothing for a lookup table, a vector, or the logits' own scale.
 
@@ -26,6 +27,7 @@ from typing import Callable
 import torch
 
 from nanokor.errors import CheckpointError
+from nanokor.muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -121,10 +123,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
 
 
 def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """torch.optim.Muon (PyTorch >= 2.9, the package's floor): Nesterov momentum, five Newton-Schulz
-    steps, and the shape scaling sqrt(max(1, rows/cols)) of Keller Jordan's original."""
-    return torch.optim.Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
-                            adjust_lr_fn="original")
+    """torch.optim.Muon's step (Nesterov momentum, five Newton-Schulz steps, and the shape scaling
+    sqrt(max(1, rows/cols)) of Keller Jordan's original), its Newton-Schulz work partitioned across the
+    ranks of DDP or FSDP2 (nanokor/muon.py)."""
+    return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original")
 
 
 # ---- schedules ------------------------------------------------------------------------------------
