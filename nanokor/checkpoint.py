@@ -146,9 +146,10 @@ def save_training(path, state: LoopState, config: ModelConfig, weights: dict, op
                      "optimizer": optimizer, **extras}, path)
 
 
-def load_training(path, model_config: ModelConfig) -> tuple[dict, LoopState]:
-    """A training checkpoint for resuming `model_config`: (the whole checkpoint, its loop state)."""
-    ckpt = load_checkpoint(path)
+def load_training(path, model_config: ModelConfig, mmap: bool = False) -> tuple[dict, LoopState]:
+    """A training checkpoint for resuming `model_config`: (the whole checkpoint, its loop state).
+    mmap=True maps the weights instead of reading them, for an engine that restores them elsewhere."""
+    ckpt = load_checkpoint(path, mmap=mmap)
     if "loader" not in ckpt:
         raise CheckpointError(f"{path} holds weights only, not a training run, so it cannot be resumed. Start "
                               "fresh with --init_from=scratch or another --out_dir.")

@@ -35,7 +35,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; bf16 is autocast over fp32 weights
     compile: bool = False  # torch.compile the model (first step pays the compile time)
-    deepspeed: str = ""  # path to a DeepSpeed JSON config; empty = plain PyTorch / DDP
+    engine: str = "ddp"  # ddp (one process, or DDP under torchrun) | fsdp (FSDP2: weights, gradients, optimizer sharded)
+    deepspeed: str = ""  # path to a DeepSpeed JSON config (the DeepSpeed engine); empty = the `engine` above
     # ---- model (the tokenizer fixes vocab_size; block_size is max_seq_len) ----
     n_layer: int = _MODEL["n_layer"]
     n_head: int = _MODEL["n_head"]
@@ -93,6 +94,7 @@ class TrainConfig:
 INIT_FROM = ("scratch", "resume")  # or the path of a checkpoint whose weights a new run starts from
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "engine": ("ddp", "fsdp"),
     "dtype": ("auto", "bf16", "fp32"),
     "optimizer": ("adamw", "muon"),
     "schedule": ("noam", "cosine", "wsd"),
@@ -122,6 +124,10 @@ def load_config(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig(**{**values, **flags})
     adopt_architecture(cfg, set(values) | set(flags))
     validate(cfg)
+    if cfg.deepspeed and "engine" in {**values, **flags}:
+        raise ConfigError(f"--deepspeed={cfg.deepspeed} selects the DeepSpeed engine, and engine={cfg.engine!r} asks "
+                          "for another. Drop one of them: --deepspeed=... for DeepSpeed ZeRO, --engine=fsdp for "
+                          "PyTorch's FSDP2, neither for DDP.")
     if {**values, **flags}.get("cooldown_frac") and cfg.schedule != "noam":
         # The default cooldown is Noam's and other schedules ignore it; one asked for by name is a mistake.
         raise ConfigError(f"cooldown_frac is Noam's cooldown; schedule={cfg.schedule!r} decays by itself (to min_lr, "

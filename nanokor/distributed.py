@@ -75,6 +75,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_from_master(t: torch.Tensor) -> torch.Tensor:
+    """t, as rank 0 has it, on every rank (in place)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return t
+
+
 def gather_objects(obj) -> list:
     """obj from every rank, in rank order (on every rank)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -10,33 +10,38 @@
     state = engine.resume(run)               # weights and optimizer back; returns the LoopState
 
 `TorchEngine` is plain PyTorch: AdamW or Muon over fp32 master weights, bf16 autocast, optional
-torch.compile, DDP under torchrun. `DeepSpeedEngine` hands bf16, accumulation, clipping and the
-optimizer to `deepspeed.initialize` (ZeRO-2 or ZeRO-3), which is imported only on that path. Another
-engine (FSDP2, say) is one more class with these methods and an entry in `engine_class`.
-`engine_class(cfg).needs_process_group` tells train.py, before anything runs, whether a single process
-must still start a process group (DeepSpeed always needs one).
+torch.compile, DDP under torchrun (`engine="ddp"`, the default). `FSDPEngine` (`engine="fsdp"`) is the
+same loop over PyTorch's FSDP2: weights, gradients and optimizer state sharded across the ranks, Muon
+included. `DeepSpeedEngine` (`deepspeed=<json>`) hands bf16, accumulation, clipping and the optimizer to
+`deepspeed.initialize` (ZeRO-2 or ZeRO-3), which is imported only on that path. Another engine is one
+more class with these methods and an entry in `engine_class`. `engine_class(cfg).needs_process_group`
+tells train.py, before anything runs, whether a single process must still start a process group
+(DeepSpeed and FSDP2 always need one). How Muon's work is split across ranks is the optimizer's
+business (nanokor/muon.py), under every engine.
 """
 
 import json
 import math
+import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanokor.checkpoint import LoopState, check_architecture, load_checkpoint, load_training, rng_state, save_training
 from nanokor.device import resolve_dtype
-from nanokor.distributed import Env, barrier, gather_objects
+from nanokor.distributed import Env, all_reduce_sum, barrier, broadcast_from_master, gather_objects
 from nanokor.errors import CheckpointError, ConfigError
 from nanokor.optim import build_optimizer, param_groups, schedule_peak
 from nanokor.rundir import RunDir
 
 
 def engine_class(cfg) -> type:
-    """The engine for this config: DeepSpeed when cfg.deepspeed names a JSON config, else PyTorch (DDP)."""
-    return DeepSpeedEngine if cfg.deepspeed else TorchEngine
+    """The engine for this config: DeepSpeed when cfg.deepspeed names a JSON config, else cfg.engine's."""
+    return DeepSpeedEngine if cfg.deepspeed else {"ddp": TorchEngine, "fsdp": FSDPEngine}[cfg.engine]
 
 
 def build_engine(model, cfg, env: Env):
@@ -79,12 +84,16 @@ class TorchEngine:
         gradients are complete here (all-reduced by DDP), so every optimizer, Muon's orthogonalization
         included, sees the same gradient on every rank and the ranks stay identical."""
         self.optimizer.set_lr(lr)
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf")).item()
+        norm = self.clip_grad_norm()
         applied = math.isfinite(norm)
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied
+
+    def clip_grad_norm(self) -> float:
+        """The gradient's norm, after scaling it down to grad_clip if it is larger (0: never)."""
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf")).item()
 
     def save(self, run: RunDir, state: LoopState, extras: dict) -> None:
         """last.pt, with the optimizer state inside it; gathers every rank's RNG state (a collective)."""
@@ -97,12 +106,133 @@ class TorchEngine:
     def resume(self, run: RunDir) -> LoopState:
         ckpt, state = load_training(run.last, self.module.config)
         if ckpt["optimizer"] is None:
-            raise CheckpointError(f"{run.last} was written by a DeepSpeed run, whose optimizer state lives in "
-                                  f"{run.deepspeed}; resume it with the same --deepspeed config, or start fresh "
-                                  "with --init_from=scratch or another --out_dir.")
+            flag, where = _written_by(ckpt, run)
+            raise CheckpointError(f"{run.last} was written by a {flag} run, whose optimizer state lives in {where}; "
+                                  f"resume it with {flag} (and the rest of its command), or start fresh with "
+                                  "--init_from=scratch or another --out_dir.")
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"], run.last)
         return state
+
+
+def _written_by(ckpt: dict, run: RunDir) -> tuple[str, Path]:
+    """The flag of the engine that wrote a last.pt without optimizer state, and where its state is."""
+    written = ckpt.get("train_config", {})
+    if written.get("deepspeed"):
+        return f"--deepspeed={written['deepspeed']}", run.deepspeed
+    return "--engine=fsdp", run.fsdp
+
+
+class FSDPEngine(TorchEngine):
+    """PyTorch FSDP2 (`fully_shard`, as torchtitan uses it): each block, and at the root the embedding,
+    head and final norm, is a unit whose parameters, gradients and optimizer state are sharded by rows
+    across the ranks; a unit's whole weights are gathered just before it runs and freed after it.
+    Memory per rank for weights, gradients and optimizer state falls as 1/world_size, so models larger
+    than one GPU train with the default recipe: Muon's matrices stay sharded and each matrix's owner
+    gathers it whole for its Newton-Schulz (nanokor/muon.py), AdamW updates its shards.
+
+    In bf16, the weights are gathered and computed in bf16 and the gradients reduced in fp32, while
+    the sharded master weights and the optimizer state stay fp32 (MixedPrecisionPolicy); autocast
+    stays on for the ops it keeps in fp32. Between micro-steps the gradients are neither reduced nor
+    resharded (set_requires_gradient_sync, set_reshard_after_backward): they accumulate whole, in fp32,
+    and are reduce-scattered once, on the last micro-step, as DDP all-reduces once. That costs one
+    unsharded fp32 gradient per rank while accumulating; with grad_accum=1 nothing is held whole.
+
+    Checkpoints: torch.distributed.checkpoint writes every rank's shards (weights and optimizer) to
+    out_dir/fsdp/step_N (written under a temporary name, renamed when complete; the previous one is
+    kept until last.pt names the new one), and rank 0 writes a last.pt of full fp32 weights, so
+    sample.py, export and evaluate read it as any other. A resume reads the shards back at any world
+    size: torch.distributed.checkpoint reshards them.
+    """
+
+    needs_process_group = True  # a device mesh, even for one process
+
+    def __init__(self, model, cfg, env: Env):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.env, self.dtype = env, resolve_dtype(cfg.dtype, env.device)
+        self.grad_accum, self.grad_clip, self.optimizer_name = cfg.grad_accum, cfg.grad_clip, cfg.optimizer
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        for unit in (*model.layers, model):  # the blocks first: the root shards what is left
+            for p in unit.parameters():
+                if not isinstance(p, DTensor):  # as DDP starts: every rank takes rank 0's initial weights
+                    p.data = broadcast_from_master(p.data.to(env.device))
+            if cfg.compile and unit is not model:  # each block compiled in place, before sharding (torchtitan)
+                unit.compile()
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        self.module = self.model = model  # FSDP2 keeps the module and its parameter names
+        self.optimizer = build_optimizer(model, cfg)
+        self.name = "FSDP2"
+
+    def grad_sync(self, last: bool):
+        self.module.set_requires_gradient_sync(last)
+        self.module.set_reshard_after_backward(last)
+        return nullcontext()
+
+    def clip_grad_norm(self) -> float:
+        """clip_grad_norm_ over the shards: each rank's sum of squares, summed across the ranks."""
+        grads = [p.grad.to_local() for p in self.module.parameters() if p.grad is not None]
+        total = all_reduce_sum(torch.stack(torch._foreach_norm(grads)).square().sum()).sqrt()
+        if self.grad_clip:
+            torch._foreach_mul_(grads, (self.grad_clip / (total + 1e-6)).clamp(max=1.0))  # as clip_grad_norm_
+        return total.item()
+
+    def save(self, run: RunDir, state: LoopState, extras: dict) -> None:
+        """The sharded checkpoint of this step, then rank 0's last.pt naming it; every rank calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state.rng = gather_objects(rng_state())
+        path = run.fsdp_checkpoint(state.step)
+        partial = path.with_name(f".{path.name}.partial")
+        if self.env.is_master:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        dcp.save(self._state_dict(), checkpoint_id=partial)
+        weights = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        barrier()
+        if self.env.is_master:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(partial, path)
+            save_training(run.last, state, self.module.config, weights, None, extras)
+            for old in run.fsdp.glob("step_*"):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def resume(self, run: RunDir) -> LoopState:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        ckpt, state = load_training(run.last, self.module.config, mmap=True)
+        path = run.fsdp_checkpoint(state.step)
+        if ckpt["optimizer"] is not None or not path.is_dir():
+            written = "the DDP engine" if ckpt["optimizer"] is not None else f"{_written_by(ckpt, run)[0]}"
+            raise CheckpointError(f"{run.last} (step {state.step}) has no FSDP checkpoint at {path}: it was written by "
+                                  f"{written}. Resume with the engine the run was started with, or start fresh "
+                                  "with --init_from=scratch or another --out_dir.")
+        saved = ckpt["train_config"]["optimizer"]
+        if saved != self.optimizer_name:
+            raise CheckpointError(f"{path} holds the state of optimizer={saved!r}, but this run's is "
+                                  f"{self.optimizer_name!r}. Resume with --optimizer={saved}, or start a new run in "
+                                  "another --out_dir.")
+        sd = self._state_dict()
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(self.module, self._optimizers(), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        return state
+
+    def _optimizers(self) -> list:
+        return list(self.optimizer.optimizers.values())
+
+    def _state_dict(self) -> dict:
+        """The sharded weights and optimizer state, keyed by parameter name (what DCP reshards by)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.module, self._optimizers())
+        return {"model": model, "optimizer": optimizer}
 
 
 class DeepSpeedEngine:

@@ -4,6 +4,7 @@
     last.pt            the latest checkpoint             best-<step>.pt  the best k, as hard links
     best.json          the best k and their losses       wandb_run_id    the wandb run a resume continues
     deepspeed/         DeepSpeed's own checkpoints       .lock           held by the live train.py
+    fsdp/step_<step>/  the FSDP2 engine's sharded checkpoint (torch.distributed.checkpoint), last.pt's step
 
 The lock is an flock on `.lock`, held for the whole run: a second train.py on the same directory is
 refused at once with the owner's pid, host and start time, which the owner writes into the file. The
@@ -34,6 +35,7 @@ class RunDir:
         self.best_json = self.path / "best.json"
         self.wandb_id = self.path / "wandb_run_id"
         self.deepspeed = self.path / "deepspeed"
+        self.fsdp = self.path / "fsdp"
         self.lock_file = self.path / ".lock"
         self._lock_fd: int | None = None
 
@@ -42,6 +44,10 @@ class RunDir:
 
     def best(self, step: int) -> Path:
         return self.path / f"best-{step:07d}.pt"
+
+    def fsdp_checkpoint(self, step: int) -> Path:
+        """The FSDP2 engine's checkpoint (a directory of shards) of `step`."""
+        return self.fsdp / f"step_{step:07d}"
 
     def lock(self) -> None:
         """Take the directory for this process, or raise TrainingError naming the process that holds it."""

@@ -57,6 +57,9 @@ def test_model_keys_become_a_model_config():
     (["--beta2=1"], "beta1 and beta2 must be in [0, 1)"),
     (["--lr=-1"], "lr, min_lr and weight_decay must not be negative"),
     (["no/such/config.py"], "does not exist"),
+    (["--engine=zero"], "engine must be one of ('ddp', 'fsdp')"),
+    (["--engine=fsdp", "--deepspeed=config/ds_zero2.json"], "Drop one of them: --deepspeed=... for DeepSpeed"),
+    (["--deepspeed=config/ds_zero3.json", "--engine=ddp"], "selects the DeepSpeed engine, and engine='ddp'"),
 ])
 def test_bad_input_is_a_config_error(args, fragment):
     with pytest.raises(ConfigError, match=None) as e:

@@ -1,17 +1,26 @@
 """train.py under torchrun with two gloo processes, against a single process on the same global batch:
-plain DDP with AdamW and with Muon, DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then
-resumed), and ZeRO-3 (parameters partitioned) against ZeRO-2 on the same steps."""
+plain DDP with AdamW and with Muon (partitioned), FSDP2 with Muon (saved, resumed exactly, resumed by one
+process) and its gradients, DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then resumed),
+and ZeRO-3 (parameters partitioned) against ZeRO-2 on the same steps."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
-from nanokor.checkpoint import build_model, load_checkpoint
+from nanokor.checkpoint import CheckpointError, build_model, load_checkpoint
+from nanokor.config import load_config, model_config
+from nanokor.distributed import Env
+from nanokor.engine import FSDPEngine
+from nanokor.model import Transformer
 from test_train import TINY, max_diff, run, train_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +119,101 @@ def test_deepspeed_refuses_muon_by_naming_the_fix():
     with pytest.raises(ConfigError, match="pass --optimizer=adamw"):
         build_engine(Transformer(model_config(cfg, vocab_size=64)), cfg,
                      Env(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+
+
+def test_fsdp_on_two_processes_matches_one_process_resumes_exactly_and_at_another_world_size(sample_data_dir,
+                                                                                             tmp_path):
+    # The default recipe (Muon for the block matrices, AdamW for the rest) on FSDP2, per-rank batch 2 x 2 ranks
+    # x grad_accum 2, against one process with batch 4 on the same global batch. Each half of a split run stops
+    # at its own max_steps, so Noam runs without a cooldown.
+    common = ["--grad_accum=2", "--eval_interval=2", "--cooldown_frac=0", "--engine=fsdp"]
+    proc = torchrun(sample_data_dir, tmp_path / "fsdp", "--batch_size=2", "--max_steps=4", *common)
+    assert "2 x cpu, fp32, FSDP2" in proc.stdout
+    torchrun(sample_data_dir, tmp_path / "split", "--batch_size=2", "--max_steps=2", *common)
+    shutil.copytree(tmp_path / "split", tmp_path / "one")
+    proc = torchrun(sample_data_dir, tmp_path / "split", "--batch_size=2", "--max_steps=4", "--init_from=resume", *common)
+    assert "resumed from" in proc.stdout
+    run(sample_data_dir, tmp_path / "single", "--batch_size=4", "--max_steps=4", *common[:-1])
+
+    # Exact resume: the split run is the straight one, bit for bit.
+    fsdp, split, single = (train_records(tmp_path / d) for d in ("fsdp", "split", "single"))
+    assert [split[s]["loss"] for s in range(1, 5)] == [fsdp[s]["loss"] for s in range(1, 5)]
+    assert [split[s]["grad_norm"] for s in range(1, 5)] == [fsdp[s]["grad_norm"] for s in range(1, 5)]
+    last = {d: load_checkpoint(tmp_path / d / "last.pt") for d in ("fsdp", "split", "single")}
+    assert all(torch.equal(last["fsdp"]["model"][k], last["split"]["model"][k]) for k in last["fsdp"]["model"])
+    assert sorted(p.name for p in (tmp_path / "split" / "fsdp").iterdir()) == ["step_0000004"]  # only the newest
+
+    # Against one process: FSDP2 reduce-scatters the mean gradient (fp32 rounding apart, ~1e-7, which the
+    # logged norm shows at 1e-5: CPU fp32 norms of the shards round differently), and Muon's bf16
+    # orthogonalization turns last-bit differences into ~1e-4 per step, as under DDP (the same tolerance).
+    assert [fsdp[s]["loss"] for s in range(1, 5)] == pytest.approx([single[s]["loss"] for s in range(1, 5)], abs=2e-4)
+    assert [fsdp[s]["grad_norm"] for s in range(1, 5)] == pytest.approx([single[s]["grad_norm"] for s in range(1, 5)],
+                                                                       rel=1e-4)
+    assert max_diff(last["fsdp"]["model"], last["single"]["model"]) <= 2e-3
+    assert val_losses(tmp_path / "fsdp") == pytest.approx(val_losses(tmp_path / "single"), abs=2e-4)
+    assert last["fsdp"]["optimizer"] is None  # it lives in fsdp/step_N, sharded
+    build_model(last["fsdp"])  # full weights: sample.py, export and evaluate read it as any checkpoint
+
+    # The 2-rank checkpoint of step 2, resumed by one process on the same global batch: DCP reshards it.
+    proc = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={sample_data_dir}",
+                           f"--out_dir={tmp_path / 'one'}", "--batch_size=4", "--max_steps=4", "--init_from=resume",
+                           *common], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RNG states for 2 processes" in proc.stderr
+    one = train_records(tmp_path / "one")
+    assert [one[s]["loss"] for s in (3, 4)] == pytest.approx([fsdp[s]["loss"] for s in (3, 4)], abs=2e-4)
+    assert max_diff(load_checkpoint(tmp_path / "one" / "last.pt")["model"], last["fsdp"]["model"]) <= 2e-3
+
+    # Resuming with the other engine is refused, naming the one that wrote the run.
+    with pytest.raises(CheckpointError, match="written by a --engine=fsdp run"):
+        run(sample_data_dir, tmp_path / "fsdp", "--batch_size=2", "--max_steps=6", "--init_from=resume", *common[:-1])
+
+
+def _fsdp_gradient_worker(rank: int, world: int, store: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for dtype in ("fp32", "bf16"):
+            _check_fsdp_gradients(rank, world, dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_fsdp_gradients(rank: int, world: int, dtype: str):
+    cfg = load_config(["--device=cpu", "--n_layer=2", "--n_head=2", "--d_model=32", "--d_ff=64", "--block_size=16",
+                       "--grad_accum=2", f"--dtype={dtype}"])
+    vocab, batch = 512, 2 * world  # the global batch; each rank takes its 2 rows
+    data = torch.randint(0, vocab, (cfg.grad_accum, batch, cfg.block_size + 1), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(rank)  # each rank initializes its own weights, as train.py seeds it: the engine must start
+    engine = FSDPEngine(Transformer(model_config(cfg, vocab)), cfg, Env(rank, rank, world, torch.device("cpu")))
+    seen = set()  # the dtype of the weights the blocks compute with
+    engine.module.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.add(m.weight.dtype))
+    for micro in range(cfg.grad_accum):
+        x, y = data[micro, 2 * rank:2 * rank + 2, :-1], data[micro, 2 * rank:2 * rank + 2, 1:]
+        with engine.grad_sync(last=micro == cfg.grad_accum - 1):
+            with engine.autocast():
+                loss = engine.model(x, y, loss_only=True)[1]
+            engine.backward(loss)
+        if micro == 0:  # neither resharded nor reduce-scattered between micro-steps: whole tensors, no DTensor
+            assert not any(isinstance(t, DTensor) for p in engine.module.parameters() for t in (p, p.grad))
+    got = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters()}
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}  # fp32 master weights
+    assert seen == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+
+    torch.manual_seed(0)  # rank 0's weights, in one process, on the whole global batch, in fp32
+    reference = Transformer(model_config(cfg, vocab))
+    for micro in range(cfg.grad_accum):
+        (reference(data[micro, :, :-1], data[micro, :, 1:], loss_only=True)[1] / cfg.grad_accum).backward()
+    for name, p in reference.named_parameters():
+        if dtype == "fp32":  # the mean, not the sum (pytorch issue 162338), to fp32 rounding
+            assert (got[name] - p.grad).abs().max() <= 2e-6 * p.grad.abs().max(), name
+        else:  # bf16 weights and activations: ~1% of the gradient
+            assert (got[name] - p.grad).norm() <= 0.05 * p.grad.norm(), name
+
+
+@pytest.mark.parametrize("world", [2])
+def test_fsdp_gradients_are_the_one_process_gradients(world, tmp_path):
+    """FSDP2's sharded gradients, reassembled, against one process's on the same global batch, after two
+    micro-steps without a sync between them, in fp32 and with bf16 weights (MixedPrecisionPolicy)."""
+    mp.start_processes(_fsdp_gradient_worker, args=(world, str(tmp_path / "store")), nprocs=world, start_method="fork")
