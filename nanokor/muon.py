@@ -39,12 +39,13 @@ EXCHANGE_DTYPE = torch.bfloat16  # what newton_schulz computes in: the exchange 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def newton_schulz(update: torch.Tensor, group: dict) -> torch.Tensor:
+def newton_schulz(update: torch.Tensor, group: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Keller Jordan's quintic Newton-Schulz iteration, op for op as torch.optim.Muon runs it: in bf16,
     on the wide orientation, after scaling to unit Frobenius norm; X <- aX + (bA + cA^2)X with A = XX^T.
-    Its result has the input's shape, singular values in ~[0.7, 1.2] and the input's singular vectors."""
+    Its result has the input's shape, singular values in ~[0.7, 1.2] and the input's singular vectors.
+    (`dtype` is for bench/muon_scaling.py, which times it in fp32 on CPUs without bf16 matmul units.)"""
     a, b, c = group["ns_coefficients"]
-    x = update.bfloat16()
+    x = update.to(dtype)
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T

@@ -1,0 +1,213 @@
+"""Muon's share of a rank's step from 1 to 64 ranks, replicated (torch.optim.Muon: every rank
+orthogonalizes every matrix) against partitioned (nanokor/muon.py: each rank its own share).
+
+    flock /work/bench.lock python bench/muon_scaling.py          # ~5-12 minutes on a shared 2-core CPU
+    python bench/muon_scaling.py --worlds 2 --rounds 3 --layers 2
+
+At config/base.py's shape (d_model 768, 12 layers of q/k/v/o 768x768, gate/up 3072x768, down 768x3072;
+vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
+
+  measured, one process, one thread:
+    - each matrix shape's Newton-Schulz time (five iterations), in bf16 as the optimizer runs it and in
+      fp32, since a CPU without bf16 matmul units (this one) runs bf16 several times slower than fp32
+      while a GPU runs it faster: fp32 against fp32 forward/backward is the like-for-like ratio here;
+    - each shape's elementwise work (momentum, Nesterov, decay and the update: every rank does it);
+    - the forward + backward of one 1,024-token sequence through the whole model, in fp32;
+  measured, the real optimizer in --worlds processes (gloo): nanokor's Muon on --layers layers'
+    matrices, replicated (each process alone, as torch.optim.Muon under DDP) against partitioned
+    (one collective), in interleaved rounds; a step's time is its slowest rank's;
+  computed from those parts, for 1-64 ranks: forward + backward of a rank's share of the global batch
+    (524,288 / ranks tokens), Muon's step replicated (every matrix) and partitioned (the heaviest
+    rank's matrices, under the real owner assignment), and Muon's share of the rank's step. The
+    exchange (an all_gather of bf16 updates, --exchange MB per rank) is not in the computed rows: its
+    time depends on the network, so the table gives its size.
+
+Prints the tables and writes bench/results/muon_scaling.json.
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanokor.config import load_config
+from nanokor.model import ModelConfig, Transformer
+from nanokor.muon import EXCHANGE_DTYPE, Muon, newton_schulz, newton_schulz_cost, partition
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP = {"ns_coefficients": (3.4445, -4.7750, 2.0315), "ns_steps": 5, "eps": 1e-7}  # torch.optim.Muon's
+RANKS = (1, 2, 3, 4, 8, 16, 32, 64)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="config/base.py", help="the shapes, batch and vocabulary to model")
+    p.add_argument("--vocab-size", type=int, default=32000, help="prepare.py's default tokenizer size")
+    p.add_argument("--global-batch", type=int, default=524288, help="tokens per step (base.py on 8 GPUs)")
+    p.add_argument("--repeats", type=int, default=3, help="fp32 Newton-Schulz timings per shape (median)")
+    p.add_argument("--worlds", default="2,3", help="process counts for the real optimizer")
+    p.add_argument("--layers", type=int, default=2, help="layers of matrices the real optimizer steps")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved replicated/partitioned steps per world")
+    p.add_argument("--ns-dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="the real optimizer's Newton-Schulz precision (bf16 is torch's; slow on most CPUs)")
+    p.add_argument("--out", default="bench/results/muon_scaling.json")
+    return p.parse_args()
+
+
+def block_shapes(cfg) -> list[tuple[int, int]]:
+    """One block's Muon matrices: q, k, v, o, gate, up, down (as nn.Linear weights: out x in)."""
+    kv = (cfg.n_kv_head or cfg.n_head) * (cfg.d_model // cfg.n_head)
+    d, f = cfg.d_model, cfg.d_ff
+    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
+
+
+def timed(fn, repeats: int = 1) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_parts(cfg, args) -> dict:
+    torch.set_num_threads(1)
+    parts = {"newton_schulz": {}, "elementwise": {}}
+    for shape in sorted(set(block_shapes(cfg))):
+        g, key = torch.randn(shape), f"{shape[0]}x{shape[1]}"
+        fp32 = timed(lambda: newton_schulz(g, GROUP, torch.float32), args.repeats)
+        bf16 = timed(lambda: newton_schulz(g, GROUP))  # minutes on a CPU without bf16 units: once
+        parts["newton_schulz"][key] = {"fp32": fp32, "bf16": bf16}
+        print(f"  Newton-Schulz {key}: {fp32 * 1e3:.0f} ms fp32, {bf16 * 1e3:.0f} ms bf16")
+        p, buf, update = torch.randn(shape), torch.zeros(shape), torch.randn(shape).to(EXCHANGE_DTYPE)
+
+        def elementwise():  # what every rank does for every matrix, as Muon.step does it
+            buf.lerp_(g, 0.05)
+            g.lerp(buf, 0.95)  # the Nesterov update (only the owner's is used; counted for all)
+            p.mul_(1 - 1e-4)
+            p.add_(update, alpha=-1e-3)
+        parts["elementwise"][key] = timed(elementwise, 5)
+    model = Transformer(ModelConfig(vocab_size=args.vocab_size, max_seq_len=cfg.block_size, n_layer=cfg.n_layer,
+                                    n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, d_model=cfg.d_model, d_ff=cfg.d_ff,
+                                    dropout=0.0))
+
+    def fwd_bwd(tokens: int):
+        x = torch.randint(0, args.vocab_size, (1, tokens + 1))
+        model(x[:, :-1], x[:, 1:], loss_only=True)[1].backward()
+    fwd_bwd(128)  # warm-up: allocations, kernels
+    t = timed(lambda: fwd_bwd(cfg.block_size))
+    parts["fwd_bwd_per_token"] = t / cfg.block_size
+    print(f"  forward + backward of {cfg.block_size} tokens ({model.num_params() / 1e6:.0f}M parameters): {t:.1f} s")
+    return parts
+
+
+def computed_rows(cfg, parts: dict, tokens_per_step: int) -> list[dict]:
+    shapes = block_shapes(cfg) * cfg.n_layer
+    ns = [parts["newton_schulz"][f"{r}x{c}"] for r, c in shapes]
+    ew = sum(parts["elementwise"][f"{r}x{c}"] for r, c in shapes)
+    rows = []
+    for ranks in RANKS:
+        owners = partition([newton_schulz_cost(s) for s in shapes], ranks)
+        heaviest = max(range(ranks), key=lambda r: sum(t["fp32"] for t, o in zip(ns, owners) if o == r))
+        width = max(sum(r * c for (r, c), o in zip(shapes, owners) if o == k) for k in range(ranks))
+        fwd_bwd = parts["fwd_bwd_per_token"] * tokens_per_step / ranks
+        row = {"ranks": ranks, "fwd_bwd_s": fwd_bwd, "elementwise_s": ew,
+               "exchange_mb": 0.0 if ranks == 1 else width * 2 * (ranks - 1) / 1e6}
+        for dtype in ("fp32", "bf16"):
+            replicated = sum(t[dtype] for t in ns) + ew
+            partitioned = sum(t[dtype] for t, o in zip(ns, owners) if o == heaviest) + ew
+            row[dtype] = {"replicated_s": replicated, "partitioned_s": partitioned,
+                          "replicated_share": replicated / (fwd_bwd + replicated),
+                          "partitioned_share": partitioned / (fwd_bwd + partitioned)}
+        rows.append(row)
+    return rows
+
+
+def _real_worker(rank: int, world: int, store: str, shapes, rounds: int, ns_dtype: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    alone = dist.new_subgroups(group_size=1)[0]  # this rank by itself: replicated, as torch.optim.Muon
+    orthogonalize = functools.partial(newton_schulz, dtype=torch.float32 if ns_dtype == "fp32" else torch.bfloat16)
+    g = torch.Generator().manual_seed(0)  # the same matrices and gradients on every rank (after DDP's all-reduce)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    optimizers = {"replicated": Muon(params, lr=0.02, process_group=alone, orthogonalize=orthogonalize),
+                  "partitioned": Muon(params, lr=0.02, orthogonalize=orthogonalize)}
+    times = {name: [] for name in optimizers}
+    for _ in range(rounds):
+        for name, opt in optimizers.items():
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            dist.barrier()
+            t = time.perf_counter()
+            opt.step()
+            slowest = torch.tensor(time.perf_counter() - t)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            times[name].append(slowest.item())
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def real_optimizer(shapes, world: int, rounds: int, ns_dtype: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        mp.start_processes(_real_worker, args=(world, os.path.join(tmp, "store"), shapes, rounds, ns_dtype, out),
+                           nprocs=world, start_method="spawn")
+        times = json.loads(Path(out).read_text())
+    ratios = [p / r for p, r in zip(times["partitioned"], times["replicated"])]
+    return {"world": world, "matrices": len(shapes), **times, "ratio_median": statistics.median(ratios)}
+
+
+def main():
+    args = parse_args()
+    cfg = load_config([str(REPO / args.config)])
+    tokens_per_step = args.global_batch
+    print(f"measuring the parts at {args.config}'s shapes (one process, one thread)")
+    parts = measure_parts(cfg, args)
+    rows = computed_rows(cfg, parts, tokens_per_step)
+    shapes = block_shapes(cfg) * args.layers
+    real = []
+    for world in map(int, args.worlds.split(",")):
+        print(f"the real optimizer, {len(shapes)} matrices ({args.layers} layers), {world} processes, "
+              f"Newton-Schulz in {args.ns_dtype}")
+        real.append(real_optimizer(shapes, world, args.rounds, args.ns_dtype))
+
+    bf16_over_fp32 = statistics.median(t["bf16"] / t["fp32"] for t in parts["newton_schulz"].values())
+    print(f"\nMuon's share of a rank's step at {args.config}'s shapes, {tokens_per_step:,} tokens a step "
+          f"(computed from the measured parts; Newton-Schulz in fp32 like the forward/backward: "
+          f"bf16 runs {bf16_over_fp32:.1f}x slower than fp32 on this CPU)")
+    print("| ranks | fwd+bwd per rank | Muon replicated | share | Muon partitioned | share | "
+          "exchange per rank | share, bf16 NS replicated / partitioned |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        f, b = r["fp32"], r["bf16"]
+        print(f"| {r['ranks']} | {r['fwd_bwd_s']:.1f} s | {f['replicated_s']:.2f} s | {f['replicated_share']:.1%} | "
+              f"{f['partitioned_s']:.2f} s | {f['partitioned_share']:.2%} | {r['exchange_mb']:.0f} MB | "
+              f"{b['replicated_share']:.1%} / {b['partitioned_share']:.1%} |")
+    print(f"\nThe real optimizer (measured; each step's time is its slowest rank's; "
+          f"Newton-Schulz in {args.ns_dtype}; the machine is shared)")
+    print("| processes | matrices | replicated step | partitioned step | partitioned / replicated (median of rounds) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in real:
+        print(f"| {r['world']} | {r['matrices']} | {statistics.median(r['replicated']):.2f} s | "
+              f"{statistics.median(r['partitioned']):.2f} s | {r['ratio_median']:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "args": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "tokens_per_step": tokens_per_step, "parts": parts, "computed": rows,
+        "real": real, "bf16_over_fp32": bf16_over_fp32}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
