@@ -1,18 +1,21 @@
 """Muon's share of a rank's step from 1 to 64 ranks, replicated (torch.optim.Muon: every rank
 orthogonalizes every matrix) against partitioned (nanokor/muon.py: each rank its own share).
 
-    flock /work/bench.lock python bench/muon_scaling.py          # ~5-12 minutes on a shared 2-core CPU
+    flock /work/bench.lock python bench/muon_scaling.py          # ~15-25 minutes on a shared 2-core CPU
     python bench/muon_scaling.py --worlds 2 --rounds 3 --layers 2
+    python bench/muon_scaling.py --device cuda --worlds ""       # a GPU's parts (~30 s), no multi-process run
 
 At config/base.py's shape (d_model 768, 12 layers of q/k/v/o 768x768, gate/up 3072x768, down 768x3072;
 vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
 
-  measured, one process, one thread:
+  measured, one process (on a CPU, one thread):
     - each matrix shape's Newton-Schulz time (five iterations), in bf16 as the optimizer runs it and in
-      fp32, since a CPU without bf16 matmul units (this one) runs bf16 several times slower than fp32
-      while a GPU runs it faster: fp32 against fp32 forward/backward is the like-for-like ratio here;
+      fp32, since a CPU without bf16 matmul units runs bf16 many times slower than fp32 while a GPU
+      runs it faster: on a CPU the like-for-like ratio is fp32 against the fp32 forward/backward, on a
+      GPU bf16 against the bf16 (autocast) forward/backward;
     - each shape's elementwise work (momentum, Nesterov, decay and the update: every rank does it);
-    - the forward + backward of one 1,024-token sequence through the whole model, in fp32;
+    - the forward + backward of one 1,024-token sequence through the whole model, eager, scaled to a
+      rank's share of the global batch (its time is linear in the tokens at a fixed sequence length);
   measured, the real optimizer in --worlds processes (gloo): nanokor's Muon on --layers layers'
     matrices, replicated (each process alone, as torch.optim.Muon under DDP) against partitioned
     (one collective), in interleaved rounds; a step's time is its slowest rank's;
@@ -57,8 +60,10 @@ def parse_args():
     p.add_argument("--worlds", default="2,3", help="process counts for the real optimizer")
     p.add_argument("--layers", type=int, default=2, help="layers of matrices the real optimizer steps")
     p.add_argument("--rounds", type=int, default=2, help="interleaved replicated/partitioned steps per world")
-    p.add_argument("--ns-dtype", default="fp32", choices=("fp32", "bf16"),
-                   help="the real optimizer's Newton-Schulz precision (bf16 is torch's; slow on most CPUs)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--ns-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="Newton-Schulz precision of the table and the real optimizer (auto: fp32 on a CPU, "
+                        "bf16, torch's, on a GPU)")
     p.add_argument("--out", default="bench/results/muon_scaling.json")
     return p.parse_args()
 
@@ -70,54 +75,68 @@ def block_shapes(cfg) -> list[tuple[int, int]]:
     return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
 
 
-def timed(fn, repeats: int = 1) -> float:
+def timed(fn, repeats: int = 1, device: str = "cpu") -> float:
     times = []
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def measure_parts(cfg, args) -> dict:
-    torch.set_num_threads(1)
+    dev = args.device
+    if dev == "cpu":
+        torch.set_num_threads(1)
     parts = {"newton_schulz": {}, "elementwise": {}}
     for shape in sorted(set(block_shapes(cfg))):
-        g, key = torch.randn(shape), f"{shape[0]}x{shape[1]}"
-        fp32 = timed(lambda: newton_schulz(g, GROUP, torch.float32), args.repeats)
-        bf16 = timed(lambda: newton_schulz(g, GROUP))  # minutes on a CPU without bf16 units: once
+        g, key = torch.randn(shape, device=dev), f"{shape[0]}x{shape[1]}"
+        newton_schulz(g, GROUP)  # warm-up (cuBLAS handles and workspaces)
+        fp32 = timed(lambda: newton_schulz(g, GROUP, torch.float32), args.repeats, dev)
+        # bf16 takes minutes on a CPU without bf16 units: timed once there
+        bf16 = timed(lambda: newton_schulz(g, GROUP), args.repeats if dev == "cuda" else 1, dev)
         parts["newton_schulz"][key] = {"fp32": fp32, "bf16": bf16}
         print(f"  Newton-Schulz {key}: {fp32 * 1e3:.0f} ms fp32, {bf16 * 1e3:.0f} ms bf16")
-        p, buf, update = torch.randn(shape), torch.zeros(shape), torch.randn(shape).to(EXCHANGE_DTYPE)
+        p, buf = torch.randn(shape, device=dev), torch.zeros(shape, device=dev)
+        update = torch.randn(shape, device=dev).to(EXCHANGE_DTYPE)
 
         def elementwise():  # what every rank does for every matrix, as Muon.step does it
             buf.lerp_(g, 0.05)
             g.lerp(buf, 0.95)  # the Nesterov update (only the owner's is used; counted for all)
             p.mul_(1 - 1e-4)
             p.add_(update, alpha=-1e-3)
-        parts["elementwise"][key] = timed(elementwise, 5)
+        parts["elementwise"][key] = timed(elementwise, 5, dev)
     model = Transformer(ModelConfig(vocab_size=args.vocab_size, max_seq_len=cfg.block_size, n_layer=cfg.n_layer,
                                     n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, d_model=cfg.d_model, d_ff=cfg.d_ff,
-                                    dropout=0.0))
+                                    dropout=0.0)).to(dev)
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")  # each device's training dtype
+    batch = 1 if dev == "cpu" else cfg.batch_size  # a CPU takes minutes for one sequence; a GPU wants a batch
 
     def fwd_bwd(tokens: int):
-        x = torch.randint(0, args.vocab_size, (1, tokens + 1))
-        model(x[:, :-1], x[:, 1:], loss_only=True)[1].backward()
+        x = torch.randint(0, args.vocab_size, (batch, tokens + 1), device=dev)
+        with autocast:
+            loss = model(x[:, :-1], x[:, 1:], loss_only=True)[1]
+        loss.backward()
     fwd_bwd(128)  # warm-up: allocations, kernels
-    t = timed(lambda: fwd_bwd(cfg.block_size))
-    parts["fwd_bwd_per_token"] = t / cfg.block_size
-    print(f"  forward + backward of {cfg.block_size} tokens ({model.num_params() / 1e6:.0f}M parameters): {t:.1f} s")
+    t = timed(lambda: fwd_bwd(cfg.block_size), 1 if dev == "cpu" else args.repeats, dev)
+    parts["fwd_bwd_per_token"] = t / (batch * cfg.block_size)
+    print(f"  forward + backward of {batch} x {cfg.block_size} tokens ({model.num_params() / 1e6:.0f}M parameters, "
+          f"{'bf16 autocast' if dev == 'cuda' else 'fp32'}): {t:.2f} s")
     return parts
 
 
-def computed_rows(cfg, parts: dict, tokens_per_step: int) -> list[dict]:
+def computed_rows(cfg, parts: dict, tokens_per_step: int, main: str) -> list[dict]:
     shapes = block_shapes(cfg) * cfg.n_layer
     ns = [parts["newton_schulz"][f"{r}x{c}"] for r, c in shapes]
     ew = sum(parts["elementwise"][f"{r}x{c}"] for r, c in shapes)
     rows = []
     for ranks in RANKS:
         owners = partition([newton_schulz_cost(s) for s in shapes], ranks)
-        heaviest = max(range(ranks), key=lambda r: sum(t["fp32"] for t, o in zip(ns, owners) if o == r))
+        heaviest = max(range(ranks), key=lambda r: sum(t[main] for t, o in zip(ns, owners) if o == r))
         width = max(sum(r * c for (r, c), o in zip(shapes, owners) if o == k) for k in range(ranks))
         fwd_bwd = parts["fwd_bwd_per_token"] * tokens_per_step / ranks
         row = {"ranks": ranks, "fwd_bwd_s": fwd_bwd, "elementwise_s": ew,
@@ -170,34 +189,38 @@ def real_optimizer(shapes, world: int, rounds: int, ns_dtype: str) -> dict:
 
 def main():
     args = parse_args()
+    if args.ns_dtype == "auto":
+        args.ns_dtype = "bf16" if args.device == "cuda" else "fp32"
+    main_dtype, other = args.ns_dtype, {"fp32": "bf16", "bf16": "fp32"}[args.ns_dtype]
     cfg = load_config([str(REPO / args.config)])
     tokens_per_step = args.global_batch
-    print(f"measuring the parts at {args.config}'s shapes (one process, one thread)")
+    print(f"measuring the parts at {args.config}'s shapes on {args.device} (one process)")
     parts = measure_parts(cfg, args)
-    rows = computed_rows(cfg, parts, tokens_per_step)
+    rows = computed_rows(cfg, parts, tokens_per_step, main_dtype)
     shapes = block_shapes(cfg) * args.layers
     real = []
-    for world in map(int, args.worlds.split(",")):
+    for world in (int(w) for w in args.worlds.split(",") if w):
         print(f"the real optimizer, {len(shapes)} matrices ({args.layers} layers), {world} processes, "
               f"Newton-Schulz in {args.ns_dtype}")
         real.append(real_optimizer(shapes, world, args.rounds, args.ns_dtype))
 
     bf16_over_fp32 = statistics.median(t["bf16"] / t["fp32"] for t in parts["newton_schulz"].values())
-    print(f"\nMuon's share of a rank's step at {args.config}'s shapes, {tokens_per_step:,} tokens a step "
-          f"(computed from the measured parts; Newton-Schulz in fp32 like the forward/backward: "
-          f"bf16 runs {bf16_over_fp32:.1f}x slower than fp32 on this CPU)")
+    print(f"\nMuon's share of a rank's step at {args.config}'s shapes, {tokens_per_step:,} tokens a step, on "
+          f"{args.device} (computed from the measured parts; Newton-Schulz in {main_dtype}, where bf16 takes "
+          f"{bf16_over_fp32:.2f}x fp32's time on this device)")
     print("| ranks | fwd+bwd per rank | Muon replicated | share | Muon partitioned | share | "
-          "exchange per rank | share, bf16 NS replicated / partitioned |")
+          f"exchange per rank | share, {other} Newton-Schulz, replicated / partitioned |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        f, b = r["fp32"], r["bf16"]
-        print(f"| {r['ranks']} | {r['fwd_bwd_s']:.1f} s | {f['replicated_s']:.2f} s | {f['replicated_share']:.1%} | "
-              f"{f['partitioned_s']:.2f} s | {f['partitioned_share']:.2%} | {r['exchange_mb']:.0f} MB | "
+        f, b = r[main_dtype], r[other]
+        print(f"| {r['ranks']} | {r['fwd_bwd_s']:.4g} s | {f['replicated_s']:.3g} s | {f['replicated_share']:.1%} | "
+              f"{f['partitioned_s']:.3g} s | {f['partitioned_share']:.2%} | {r['exchange_mb']:.0f} MB | "
               f"{b['replicated_share']:.1%} / {b['partitioned_share']:.1%} |")
-    print(f"\nThe real optimizer (measured; each step's time is its slowest rank's; "
-          f"Newton-Schulz in {args.ns_dtype}; the machine is shared)")
-    print("| processes | matrices | replicated step | partitioned step | partitioned / replicated (median of rounds) |")
-    print("|---:|---:|---:|---:|---:|")
+    if real:
+        print(f"\nThe real optimizer (measured; each step's time is its slowest rank's; "
+              f"Newton-Schulz in {args.ns_dtype}; the machine is shared)")
+        print("| processes | matrices | replicated step | partitioned step | partitioned / replicated (median of rounds) |")
+        print("|---:|---:|---:|---:|---:|")
     for r in real:
         print(f"| {r['world']} | {r['matrices']} | {statistics.median(r['replicated']):.2f} s | "
               f"{statistics.median(r['partitioned']):.2f} s | {r['ratio_median']:.2f} |")
