@@ -185,10 +185,8 @@ class Muon(torch.optim.Muon):
         # Out: my rows of every matrix, grouped by owner. In: each rank's rows of the matrices I own.
         sent = [sum(rows[i][rank] * cols[i] for i in range(len(work)) if owners[i] == r) for r in range(world)]
         got = [sum(rows[i][r] * cols[i] for i in range(len(work)) if owners[i] == rank) for r in range(world)]
-        order = sorted(range(len(work)), key=owners.__getitem__)  # stable: plan order within an owner
-        device = work[0][0].device
-        out = torch.cat([self._nesterov(*work[i]).to(EXCHANGE_DTYPE).flatten() for i in order]) if order \
-            else torch.empty(0, dtype=EXCHANGE_DTYPE, device=device)
+        order = sorted(range(len(work)), key=owners.__getitem__)  # stable: parameter order within an owner
+        out = torch.cat([self._nesterov(*work[i]).to(EXCHANGE_DTYPE).flatten() for i in order])
         inbox = _all_to_all(out, got, sent, pg, world)
         # Reassemble my matrices from every rank's rows, orthogonalize, and cut the result into rows again.
         pieces = _split(inbox, [[rows[i][r] * cols[i] for i in order if owners[i] == rank] for r in range(world)])
@@ -198,7 +196,7 @@ class Muon(torch.optim.Muon):
             update = self.orthogonalize(whole, work[i][1]).to(EXCHANGE_DTYPE)
             results.append(update.split(rows[i]))
         back = torch.cat([t.flatten() for r in range(world) for t in (res[r] for res in results)]) if results \
-            else torch.empty(0, dtype=EXCHANGE_DTYPE, device=device)
+            else out.new_empty(0)  # a rank that owns no matrix (more ranks than matrices)
         mine = _all_to_all(back, sent, got, pg, world)
         per_owner = _split(mine, [[rows[i][rank] * cols[i] for i in order if owners[i] == r] for r in range(world)])
         updates: list = [None] * len(work)

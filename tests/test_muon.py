@@ -116,12 +116,12 @@ def _check_partitioned_step(rank: int, world: int, sharded: bool):
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        params = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in make_params()]
-        set_grad = lambda p, g: distribute_tensor(g, mesh, [Shard(0)])  # noqa: E731
+        shard = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
         full = lambda t: t.full_tensor()  # noqa: E731
     else:  # whole tensors, identical on every rank: DDP after its all-reduce
-        params = [torch.nn.Parameter(t) for t in make_params()]
-        set_grad, full = (lambda p, g: g.clone()), (lambda t: t)  # noqa: E731
+        shard, full = torch.clone, (lambda t: t)
+    params = [torch.nn.Parameter(shard(t)) for t in make_params()]
+    set_grad = lambda p, g: shard(g)  # noqa: E731
     opt = Muon(groups_of(params), adjust_lr_fn="original", orthogonalize=counted)
     run_steps(opt, params, set_grad)
     want, state = reference()
@@ -138,7 +138,15 @@ def _check_partitioned_step(rank: int, world: int, sharded: bool):
         expected = [s for i, s in enumerate(SHAPES) if owners[i] == r] * 3
         if owners[2] == r:  # matrix 2 had no gradient at step 1
             expected.remove(SHAPES[2])
-    assert sorted(everyone[r]) == sorted(expected)
+        assert sorted(everyone[r]) == sorted(expected)
+
+    # Fewer matrices than ranks: a rank that owns none still takes part in the exchange.
+    few, ref = ([torch.nn.Parameter(f(t)) for t in make_params()[:world - 1]] for f in (shard, torch.clone))
+    for p, q, g in zip(few, ref, grads_for(0)):
+        p.grad, q.grad = shard(g), g.clone()
+    Muon(few, lr=0.05).step()
+    torch.optim.Muon(ref, lr=0.05).step()
+    assert all(torch.equal(full(p.detach()), q.detach()) for p, q in zip(few, ref))
 
 
 @pytest.mark.parametrize("world", [2, 3])
