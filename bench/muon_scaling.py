@@ -18,7 +18,9 @@ vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
       rank's share of the global batch (its time is linear in the tokens at a fixed sequence length);
   measured, the real optimizer in --worlds processes (gloo): nanokor's Muon on --layers layers'
     matrices, replicated (each process alone, as torch.optim.Muon under DDP) against partitioned
-    (one collective), in interleaved rounds; a step's time is its slowest rank's;
+    (one collective), in interleaved rounds; a step's time is its slowest rank's, in wall-clock time
+    and in CPU time (which other load on a shared machine does not inflate); medians of the rounds'
+    ratios;
   computed from those parts, for 1-64 ranks: forward + backward of a rank's share of the global batch
     (524,288 / ranks tokens), Muon's step replicated (every matrix) and partitioned (the heaviest
     rank's matrices, under the real owner assignment), and Muon's share of the rank's step. The
@@ -161,17 +163,18 @@ def _real_worker(rank: int, world: int, store: str, shapes, rounds: int, ns_dtyp
     grads = [torch.randn(s, generator=g) for s in shapes]
     optimizers = {"replicated": Muon(params, lr=0.02, process_group=alone, orthogonalize=orthogonalize),
                   "partitioned": Muon(params, lr=0.02, orthogonalize=orthogonalize)}
-    times = {name: [] for name in optimizers}
+    times = {f"{name}{kind}": [] for name in optimizers for kind in ("", "_cpu")}
     for _ in range(rounds):
         for name, opt in optimizers.items():
             for p, grad in zip(params, grads):
                 p.grad = grad.clone()
             dist.barrier()
-            t = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             opt.step()
-            slowest = torch.tensor(time.perf_counter() - t)
+            slowest = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu])
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            times[name].append(slowest.item())
+            times[name].append(slowest[0].item())
+            times[f"{name}_cpu"].append(slowest[1].item())  # the CPU time: what a loaded machine cannot inflate
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -183,8 +186,9 @@ def real_optimizer(shapes, world: int, rounds: int, ns_dtype: str) -> dict:
         mp.start_processes(_real_worker, args=(world, os.path.join(tmp, "store"), shapes, rounds, ns_dtype, out),
                            nprocs=world, start_method="spawn")
         times = json.loads(Path(out).read_text())
-    ratios = [p / r for p, r in zip(times["partitioned"], times["replicated"])]
-    return {"world": world, "matrices": len(shapes), **times, "ratio_median": statistics.median(ratios)}
+    ratio = {kind: statistics.median(p / r for p, r in zip(times[f"partitioned{kind}"], times[f"replicated{kind}"]))
+             for kind in ("", "_cpu")}
+    return {"world": world, "matrices": len(shapes), **times, "ratio_median": ratio[""], "cpu_ratio_median": ratio["_cpu"]}
 
 
 def main():
@@ -219,11 +223,12 @@ def main():
     if real:
         print(f"\nThe real optimizer (measured; each step's time is its slowest rank's; "
               f"Newton-Schulz in {args.ns_dtype}; the machine is shared)")
-        print("| processes | matrices | replicated step | partitioned step | partitioned / replicated (median of rounds) |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| processes | matrices | replicated step | partitioned step | partitioned / replicated | "
+              "the same in CPU time |")
+        print("|---:|---:|---:|---:|---:|---:|")
     for r in real:
         print(f"| {r['world']} | {r['matrices']} | {statistics.median(r['replicated']):.2f} s | "
-              f"{statistics.median(r['partitioned']):.2f} s | {r['ratio_median']:.2f} |")
+              f"{statistics.median(r['partitioned']):.2f} s | {r['ratio_median']:.2f} | {r['cpu_ratio_median']:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "args": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
