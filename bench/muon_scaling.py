@@ -8,7 +8,7 @@ orthogonalizes every matrix) against partitioned (nanokor/muon.py: each rank its
 At config/base.py's shape (d_model 768, 12 layers of q/k/v/o 768x768, gate/up 3072x768, down 768x3072;
 vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
 
-  measured, one process (on a CPU, one thread):
+  measured, one process (on a CPU, one thread, in CPU time; on a GPU, in wall-clock time):
     - each matrix shape's Newton-Schulz time (five iterations), in bf16 as the optimizer runs it and in
       fp32, since a CPU without bf16 matmul units runs bf16 many times slower than fp32 while a GPU
       runs it faster: on a CPU the like-for-like ratio is fp32 against the fp32 forward/backward, on a
@@ -78,15 +78,18 @@ def block_shapes(cfg) -> list[tuple[int, int]]:
 
 
 def timed(fn, repeats: int = 1, device: str = "cpu") -> float:
+    """The median time of fn: on a GPU wall-clock time, synchronized; on a CPU this process's CPU time (one
+    thread), which the other jobs of a shared machine do not inflate as they inflate wall-clock time."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
@@ -129,6 +132,10 @@ def measure_parts(cfg, args) -> dict:
     print(f"  forward + backward of {batch} x {cfg.block_size} tokens ({model.num_params() / 1e6:.0f}M parameters, "
           f"{'bf16 autocast' if dev == 'cuda' else 'fp32'}): {t:.2f} s")
     return parts
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:,.0f} s" if seconds >= 100 else f"{seconds:.3g} s"
 
 
 def computed_rows(cfg, parts: dict, tokens_per_step: int, main: str) -> list[dict]:
@@ -217,8 +224,8 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         f, b = r[main_dtype], r[other]
-        print(f"| {r['ranks']} | {r['fwd_bwd_s']:.4g} s | {f['replicated_s']:.3g} s | {f['replicated_share']:.1%} | "
-              f"{f['partitioned_s']:.3g} s | {f['partitioned_share']:.2%} | {r['exchange_mb']:.0f} MB | "
+        print(f"| {r['ranks']} | {_s(r['fwd_bwd_s'])} | {_s(f['replicated_s'])} | {f['replicated_share']:.1%} | "
+              f"{_s(f['partitioned_s'])} | {f['partitioned_share']:.2%} | {r['exchange_mb']:.0f} MB | "
               f"{b['replicated_share']:.1%} / {b['partitioned_share']:.1%} |")
     if real:
         print(f"\nThe real optimizer (measured; each step's time is its slowest rank's; "

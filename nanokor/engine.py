@@ -106,21 +106,21 @@ class TorchEngine:
     def resume(self, run: RunDir) -> LoopState:
         ckpt, state = load_training(run.last, self.module.config)
         if ckpt["optimizer"] is None:
-            flag, where = _written_by(ckpt, run)
-            raise CheckpointError(f"{run.last} was written by a {flag} run, whose optimizer state lives in {where}; "
-                                  f"resume it with {flag} (and the rest of its command), or start fresh with "
-                                  "--init_from=scratch or another --out_dir.")
+            flag = _engine_flag(ckpt)
+            raise CheckpointError(f"{run.last} was written by a {flag} run, whose optimizer state lives in the "
+                                  f"engine's own checkpoint under {run}; resume it with {flag} (and the rest of its "
+                                  "command), or start fresh with --init_from=scratch or another --out_dir.")
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"], run.last)
         return state
 
 
-def _written_by(ckpt: dict, run: RunDir) -> tuple[str, Path]:
-    """The flag of the engine that wrote a last.pt without optimizer state, and where its state is."""
+def _engine_flag(ckpt: dict) -> str:
+    """The flag that selects the engine which wrote a training checkpoint."""
     written = ckpt.get("train_config", {})
     if written.get("deepspeed"):
-        return f"--deepspeed={written['deepspeed']}", run.deepspeed
-    return "--engine=fsdp", run.fsdp
+        return f"--deepspeed={written['deepspeed']}"
+    return f"--engine={written.get('engine', 'ddp')}"  # checkpoints from before the key: DDP
 
 
 class FSDPEngine(TorchEngine):
@@ -208,12 +208,15 @@ class FSDPEngine(TorchEngine):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         ckpt, state = load_training(run.last, self.module.config, mmap=True)
-        path = run.fsdp_checkpoint(state.step)
-        if ckpt["optimizer"] is not None or not path.is_dir():
-            written = "the DDP engine" if ckpt["optimizer"] is not None else f"{_written_by(ckpt, run)[0]}"
-            raise CheckpointError(f"{run.last} (step {state.step}) has no FSDP checkpoint at {path}: it was written by "
-                                  f"{written}. Resume with the engine the run was started with, or start fresh "
-                                  "with --init_from=scratch or another --out_dir.")
+        path, flag = run.fsdp_checkpoint(state.step), _engine_flag(ckpt)
+        if flag != "--engine=fsdp":
+            raise CheckpointError(f"{run.last} was written by a {flag} run, not by FSDP2. Resume it with {flag} (and "
+                                  "the rest of its command), or start fresh with --init_from=scratch or another "
+                                  "--out_dir.")
+        if not path.is_dir():
+            raise CheckpointError(f"{run.last} is step {state.step}, whose FSDP2 checkpoint {path} is missing (it "
+                                  "holds the sharded optimizer state). Restore that directory, or start fresh with "
+                                  "--init_from=scratch or another --out_dir.")
         saved = ckpt["train_config"]["optimizer"]
         if saved != self.optimizer_name:
             raise CheckpointError(f"{path} holds the state of optimizer={saved!r}, but this run's is "
