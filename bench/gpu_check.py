@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ TAIL_LINES = 15  # log lines shown in summary.md for a stage that did not succee
 ABSENT_ON_IMAGE = ("datasets", "wandb", "deepspeed", "flash_attn")  # the lent image has none of these
 NEEDED = ("numpy", "sentencepiece", "safetensors", "tqdm", "transformers")
 TIMED_OUT = (124, 137)  # timeout's exit status: SIGTERM sent at the budget, or SIGKILL after it
+TORCHRUN_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")  # torchrun's line for a failed worker
 
 
 def parse_args(argv=None):
@@ -268,6 +270,43 @@ def speed_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
     return figures, None, "vs transformers: " + ", ".join(headline)
 
 
+def muon_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
+    """bench/muon_scaling.py's parts and shares on this device, and its one-process check of nanokor's Muon
+    (the partitioned optimizer, with one rank) against torch.optim.Muon."""
+    result = read_json(work / "logs" / f"{name}.json")
+    if result is None:
+        return {}, "no result written", ""
+    dtype = result["main_dtype"]
+    figures = {"device": result["device"], "tokens/step modelled": result["tokens_per_step"]}
+    figures |= {f"Newton-Schulz {shape} ({dtype}) ms": round(1e3 * t[dtype], 2)
+                for shape, t in result["parts"]["newton_schulz"].items()}
+    figures["forward + backward µs/token"] = round(1e6 * result["parts"]["fwd_bwd_per_token"], 3)
+    rows = {row["ranks"]: row[dtype] for row in result["computed"]}
+    for ranks in (1, 8, 64):
+        if ranks in rows:
+            figures[f"Muon's share at {ranks} rank{'s' * (ranks > 1)}, replicated / partitioned"] = \
+                f"{rows[ranks]['replicated_share']:.1%} / {rows[ranks]['partitioned_share']:.2%}"
+    widest = max(rows)
+    headline = (f"Muon's share at {widest} ranks: replicated {rows[widest]['replicated_share']:.1%}, "
+                f"partitioned {rows[widest]['partitioned_share']:.2%}")
+    problem, check = None, result.get("against_torch")
+    if check:
+        step = check["step_s"]
+        figures |= {"one-process step ms, nanokor's Muon": round(1e3 * step["nanokor"], 2),
+                    "one-process step ms, torch.optim.Muon": round(1e3 * step["torch"], 2),
+                    f"weights after {check['steps']} steps differ by (max)": check["max_weight_difference"],
+                    "weights moved by (max)": float(f"{check['max_weight_change']:.3g}")}
+        # Within bf16 rounding of the updates: a half-ulp of bf16 (2^-9) on each update, twice over.
+        if not check["max_weight_difference"] <= 2 ** -8 * check["max_weight_change"]:
+            problem = (f"nanokor's Muon differs from torch.optim.Muon by {check['max_weight_difference']:.3g} "
+                       f"(the weights moved by {check['max_weight_change']:.3g})")
+        same = "same weights" if check["max_weight_difference"] == 0 else \
+            f"weights within {check['max_weight_difference']:.2g}"
+        headline += (f"; one process {1e3 * step['nanokor']:.1f} ms/step vs torch.optim.Muon "
+                     f"{1e3 * step['torch']:.1f} ms, {same}")
+    return figures, problem, headline
+
+
 def profile_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
     result = read_json(work / "logs" / f"{name}.json")
     if result is None:
@@ -284,7 +323,7 @@ def profile_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
 
 
 FIGURES = {"machine": machine_figures, "data": data_figures, "train": train_figures, "check": check_figures,
-           "speed": speed_figures, "profile": profile_figures}
+           "speed": speed_figures, "muon": muon_figures, "profile": profile_figures}
 
 
 # ---- results ------------------------------------------------------------------------------------------
@@ -335,10 +374,15 @@ def record(results: Path, work: Path, name: str, rc: int | None, started: float 
 
 
 def log_tail(path: Path) -> list[str]:
-    """The log's last lines, each as a terminal would show it (tqdm redraws a line with carriage returns)."""
+    """The log's last lines, each as a terminal would show it (tqdm redraws a line with carriage returns).
+    torchrun follows a failed worker's output with its own report (a launcher traceback and a box that
+    repeat the exit code), which would push the worker's error out of the tail: only its first line stays."""
     if not path.is_file():
         return []
     lines = [line.split("\r")[-1] for line in path.read_text(errors="replace").splitlines()]
+    report = next((i for i, line in enumerate(lines) if TORCHRUN_FAILED.search(line)), None)
+    if report is not None:
+        lines = lines[:report + 1]
     return [line for line in lines if line.strip()][-TAIL_LINES:]
 
 

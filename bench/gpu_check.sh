@@ -3,7 +3,7 @@
 # then the headline figures, then profiles; every stage under its own timeout, all done by 7 minutes.
 #
 #   bash bench/gpu_check.sh             # on the GPU; results in $OUT, else bench/results/gpu_check
-#   bash bench/gpu_check.sh --dry-run   # every stage on this CPU with tiny shapes (~1 minute): the plumbing
+#   bash bench/gpu_check.sh --dry-run   # every stage on this CPU with tiny shapes (~1.5 minutes): the plumbing
 #   bash bench/gpu_check.sh --list      # the stages and their budgets
 #
 # With the device tool: `run` with
@@ -22,9 +22,10 @@
 #   results.json      the same, for programs
 #   gpu_check.tar.gz  every stage's log and JSON, and train.py's metrics.jsonl and config.json
 #
-# The stages, in priority order, with their budgets in seconds (each its own timeout; a stage that would
-# have under 20 s before the 420 s deadline is recorded as skipped). Estimates from the last H200 run:
-# base.py compiled ran 140 ms a step at 65,536 tokens, generation compiled in ~80 s (the old dynamic form).
+# The stages, in priority order, with their budgets in seconds (each its own timeout, cut to what the
+# deadline leaves; a stage that would have under 20 s before the 420 s deadline is recorded as skipped).
+# Estimates from the last H200 run: base.py compiled ran 140 ms a step at 65,536 tokens and 208 ms eager,
+# generation compiled in ~80 s (the old dynamic form).
 #   machine        15  GPU, driver, torch, packages; the bf16 matmul rate and copy bandwidth measured
 #   data           20  the embedded sample (prepare.py --dataset sample), tokens tiled to 8M train / 1M val
 #   train-muon    130  CORRECTNESS and MFU: config/base.py through train.py, compiled, Muon, 50 steps of
@@ -33,9 +34,23 @@
 #                      (reduce-overhead) decoders; the graph captured under autocast, replayed under another
 #   train-adamw    50  MFU with AdamW alone, what Muon costs (Inductor's cache has base.py's graphs by now)
 #   sample-speed   90  decode speed against transformers' generate at batch 1 and 8, bf16, 3 rounds
+#   train-fsdp2    55  the FSDP2 engine on one GPU: train-muon's run through torchrun --nproc_per_node=1
+#                      --engine=fsdp, eager (one more compile would not fit), its sharded checkpoint and
+#                      full-weights last.pt saved (~15 s of start, 11 s of steps, ~10 s of saving)
+#   muon-scaling   40  the partitioned Muon optimizer (bench/muon_scaling.py): bf16 Newton-Schulz per
+#                      base.py matrix and forward + backward per token on this GPU, Muon's share of a
+#                      rank's step at 1-64 ranks replicated vs partitioned; nanokor's Muon stepped against
+#                      torch.optim.Muon over base.py's 84 matrices (step times, weights equal)
+#   train-ddp-1rank 45 DDP with 1 rank: the same eager run under torchrun with the default engine, so
+#                      train-fsdp2's step time and losses have their reference in this run
 #   profile      rest  where a compiled base step's time goes, 32k vocabulary (bench/step_profile.py)
 #   profile-plain-loss rest   the same with the unfused LM head + loss: what the fused one saves
-# 15 + 20 + 130 + 55 + 50 + 90 = 360 s, so the profiles get 60 s or what earlier stages left unspent.
+# The budgets are caps: 15 + 20 + 130 + 55 + 50 + 90 = 360 s, then issue 19's three stages 140 s more,
+# 500 s in all against the 420 s deadline, so they add up past it only when every stage uses all of its
+# budget, and then the last stages are cut or skipped. From the estimates the stages before the profiles
+# spend ~345 s (machine and data ~20, train-muon ~95, decode-check ~40, train-adamw ~40, sample-speed ~70,
+# the three new ones ~80), which leaves the profiles ~75 s or what earlier stages left unspent; they, the
+# least needed, go first when time runs short.
 #
 # Environment: GPU_CHECK_SECONDS (420) the deadline; GPU_CHECK_ONLY=a,b runs only those stages (the train
 # stages need data); GPU_CHECK_FAIL=a,b gives those stages a bad flag (the tests inject failures with it);
@@ -61,10 +76,9 @@ STAGES=(
   "decode-check        check    55          -"
   "train-adamw         train    50          data"
   "sample-speed        speed    90          -"
-  # Issue 19's stages go here, before the profiles, e.g. (each also a line in stage_command):
-  #   "train-muon-partitioned  train  60  data"   the partitioned Muon optimizer
-  #   "train-fsdp2             train  60  data"   the FSDP2 engine on one GPU
-  #   "train-ddp-1rank         train  60  data"   DDP with 1 rank, through torchrun
+  "train-fsdp2         train    55          data"
+  "muon-scaling        muon     40          -"
+  "train-ddp-1rank     train    45          data"
   "profile             profile  rest        -"
   "profile-plain-loss  profile  rest        -"
 )
@@ -77,9 +91,12 @@ stage_command() {  # CMD=(the command line of stage $1); its output goes to $LOG
     train-adamw)        CMD=("$PY" -u train.py config/base.py "${TRAIN[@]}" "${ADAMW[@]}" --out_dir="$WORK/runs/$1") ;;
     decode-check)       CMD=("$PY" -u bench/sample_speed.py --check --dtype fp32 "${CHECK[@]}" --out "$LOGS/$1.json") ;;
     sample-speed)       CMD=("$PY" -u bench/sample_speed.py "${SPEED[@]}" --out "$LOGS/$1.json") ;;
-    # Issue 19's commands go here, e.g.
-    #   train-ddp-1rank) CMD=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py
-    #                         config/base.py "${TRAIN[@]}" --out_dir="$WORK/runs/$1") ;;
+    train-fsdp2)        CMD=("${TORCHRUN[@]}" train.py config/base.py "${TRAIN[@]}" "${EAGER[@]}" --engine=fsdp
+                             --out_dir="$WORK/runs/$1") ;;
+    muon-scaling)       CMD=("$PY" -u bench/muon_scaling.py "${MUON[@]}" --worlds "" --against-torch 4
+                             --out "$LOGS/$1.json") ;;
+    train-ddp-1rank)    CMD=("${TORCHRUN[@]}" train.py config/base.py "${TRAIN[@]}" "${EAGER[@]}"
+                             --out_dir="$WORK/runs/$1") ;;
     profile)            CMD=("$PY" -u bench/step_profile.py "${PROFILE[@]}" --out "$LOGS/$1.json") ;;
     profile-plain-loss) CMD=("$PY" -u bench/step_profile.py "${PROFILE[@]}" --plain-loss --out "$LOGS/$1.json") ;;
     *)                  echo "gpu_check.sh: stage $1 has no command in stage_command" >&2; return 1 ;;
@@ -95,6 +112,7 @@ case "${1:-}" in
 *)         echo "usage: bash bench/gpu_check.sh [--dry-run | --list]" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python3}"
+TORCHRUN=("$PY" -u -m torch.distributed.run --standalone --nproc_per_node=1)
 TOTAL="${GPU_CHECK_SECONDS:-420}"
 MIN_STAGE_S=20
 BUDGET_FACTOR=1
@@ -120,6 +138,8 @@ if [[ $MODE == gpu ]]; then
     TRAIN=(--data_dir="$WORK/data" --compile=true --max_steps=50 --warmup_steps=20 --lr_factor=0.42
            --eval_interval=50 --eval_tokens=65536 --keep_best=0 --sample_tokens=32 --wandb_mode=disabled)
     ADAMW=(--optimizer=adamw --lr_factor=0.14 --embed_lr=0)
+    EAGER=(--compile=false)  # the engines' runs: a compile each (DDP's split at its buckets) would not fit
+    MUON=(--device cuda)
     CHECK=(--device cuda --n-layer 2)  # the paths' correctness, not their speed: 2 layers compile faster
     SPEED=(--device cuda --rounds 3)
     PROFILE=(--compile --steps 10 --profile-rounds 2)
@@ -132,6 +152,9 @@ else
            --d_ff=128 --block_size=64 --batch_size=4 --grad_accum=1 --max_steps=16 --warmup_steps=8 --lr_factor=0.27
            --eval_interval=16 --eval_tokens=1024 --keep_best=0 --sample_tokens=8 --wandb_mode=disabled)
     ADAMW=(--optimizer=adamw --lr_factor=0.09 --embed_lr=0)
+    EAGER=()  # TRAIN is eager already
+    MUON=(--device cpu --set n_layer=2 --set d_model=64 --set n_head=2 --set d_ff=128 --set block_size=64
+          --vocab-size 512 --global-batch 4096 --repeats 1)
     CHECK=(--device cpu "${TINY[@]}" --n-kv-head 1 --no-compile)
     SPEED=(--device cpu "${TINY[@]}" --n-kv-head 1 --no-compile --rounds 1 --new-tokens 16 --ttft-prompt-tokens 64)
     PROFILE=(--device cpu "${TINY[@]}" --vocab-size 512 --seq-len 64 --batch-size 4 --steps 2 --profile-steps 1

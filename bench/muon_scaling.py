@@ -4,6 +4,7 @@ orthogonalizes every matrix) against partitioned (nanokor/muon.py: each rank its
     flock /work/bench.lock python bench/muon_scaling.py          # ~15-25 minutes on a shared 2-core CPU
     python bench/muon_scaling.py --worlds 2 --rounds 3 --layers 2
     python bench/muon_scaling.py --device cuda --worlds ""       # a GPU's parts (~30 s), no multi-process run
+    python bench/muon_scaling.py --device cuda --worlds "" --against-torch 4   # bench/gpu_check.sh's stage
 
 At config/base.py's shape (d_model 768, 12 layers of q/k/v/o 768x768, gate/up 3072x768, down 768x3072;
 vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
@@ -21,6 +22,10 @@ vocabulary 32,000; 1,024-token sequences; 524,288 tokens a step), in this order:
     (one collective), in interleaved rounds; a step's time is its slowest rank's, in wall-clock time
     and in CPU time (which other load on a shared machine does not inflate); medians of the rounds'
     ratios;
+  measured with --against-torch N, one process on --device: nanokor's Muon against torch.optim.Muon
+    over every matrix of the model, N steps from the same weights and gradients: each one's step time
+    (the median after the first step) and how far the weights part (nanokor's partitioned path, with one
+    rank, must give torch's weights within bf16 rounding of the updates);
   computed from those parts, for 1-64 ranks: forward + backward of a rank's share of the global batch
     (524,288 / ranks tokens), Muon's step replicated (every matrix) and partitioned (the heaviest
     rank's matrices, under the real owner assignment), and Muon's share of the rank's step. The
@@ -44,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanokor.atomic import atomic_write
 from nanokor.config import load_config
 from nanokor.model import ModelConfig, Transformer
 from nanokor.muon import EXCHANGE_DTYPE, Muon, newton_schulz, newton_schulz_cost, partition
@@ -56,12 +62,17 @@ RANKS = (1, 2, 3, 4, 8, 16, 32, 64)
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="config/base.py", help="the shapes, batch and vocabulary to model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key over --config's (repeatable), e.g. --set n_layer=2 for a quick run")
     p.add_argument("--vocab-size", type=int, default=32000, help="prepare.py's default tokenizer size")
     p.add_argument("--global-batch", type=int, default=524288, help="tokens per step (base.py on 8 GPUs)")
     p.add_argument("--repeats", type=int, default=3, help="fp32 Newton-Schulz timings per shape (median)")
     p.add_argument("--worlds", default="2,3", help="process counts for the real optimizer")
     p.add_argument("--layers", type=int, default=2, help="layers of matrices the real optimizer steps")
     p.add_argument("--rounds", type=int, default=2, help="interleaved replicated/partitioned steps per world")
+    p.add_argument("--against-torch", type=int, default=0, metavar="STEPS",
+                   help="also step nanokor's Muon and torch.optim.Muon side by side over every matrix, in one "
+                        "process on --device (0: not; bf16 Newton-Schulz, which a CPU runs slowly)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--ns-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="Newton-Schulz precision of the table and the real optimizer (auto: fp32 on a CPU, "
@@ -126,7 +137,7 @@ def measure_parts(cfg, args) -> dict:
         with autocast:
             loss = model(x[:, :-1], x[:, 1:], loss_only=True)[1]
         loss.backward()
-    fwd_bwd(128)  # warm-up: allocations, kernels
+    fwd_bwd(min(128, cfg.block_size))  # warm-up: allocations, kernels
     t = timed(lambda: fwd_bwd(cfg.block_size), 1 if dev == "cpu" else args.repeats, dev)
     parts["fwd_bwd_per_token"] = t / (batch * cfg.block_size)
     print(f"  forward + backward of {batch} x {cfg.block_size} tokens ({model.num_params() / 1e6:.0f}M parameters, "
@@ -187,6 +198,31 @@ def _real_worker(rank: int, world: int, store: str, shapes, rounds: int, ns_dtyp
     dist.destroy_process_group()
 
 
+def against_torch(shapes, steps: int, device: str) -> dict:
+    """nanokor's Muon (one rank: its owner assignment and exchange buffer, no collective) and
+    torch.optim.Muon from the same weights over the same gradients, steps interleaved."""
+    g = torch.Generator(device).manual_seed(0)
+    start = [torch.randn(s, generator=g, device=device) for s in shapes]
+    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in ("nanokor", "torch")}
+    optimizers = {"nanokor": Muon(params["nanokor"], lr=0.02, weight_decay=0.1, adjust_lr_fn="original"),
+                  "torch": torch.optim.Muon(params["torch"], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")}
+    times = {name: [] for name in optimizers}
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=g, device=device) for s in shapes]
+        for name, opt in optimizers.items():
+            for p, grad in zip(params[name], grads):
+                p.grad = grad.clone()
+            times[name].append(timed(opt.step, 1, device))
+    moved = max((p.detach() - s).abs().max().item() for p, s in zip(params["torch"], start))
+    differ = max((p.detach() - q.detach()).abs().max().item() for p, q in zip(params["nanokor"], params["torch"]))
+    step_s = {name: statistics.median(t[1:] or t) for name, t in times.items()}  # the first step allocates
+    print(f"  one process, {len(shapes)} matrices, {steps} steps: nanokor's Muon {step_s['nanokor'] * 1e3:.1f} ms a "
+          f"step, torch.optim.Muon {step_s['torch'] * 1e3:.1f} ms; weights differ by at most {differ:.3g} "
+          f"(they moved by up to {moved:.3g})")
+    return {"matrices": len(shapes), "steps": steps, "step_s": step_s, "times": times,
+            "max_weight_difference": differ, "max_weight_change": moved}
+
+
 def real_optimizer(shapes, world: int, rounds: int, ns_dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
@@ -203,11 +239,14 @@ def main():
     if args.ns_dtype == "auto":
         args.ns_dtype = "bf16" if args.device == "cuda" else "fp32"
     main_dtype, other = args.ns_dtype, {"fp32": "bf16", "bf16": "fp32"}[args.ns_dtype]
-    cfg = load_config([str(REPO / args.config)])
+    cfg = load_config([str(REPO / args.config), *(f"--{kv}" for kv in args.set)])
     tokens_per_step = args.global_batch
-    print(f"measuring the parts at {args.config}'s shapes on {args.device} (one process)")
+    where = args.config + "".join(f" --set {kv}" for kv in args.set)
+    print(f"measuring the parts at {where}'s shapes on {args.device} (one process)")
     parts = measure_parts(cfg, args)
     rows = computed_rows(cfg, parts, tokens_per_step, main_dtype)
+    single = against_torch(block_shapes(cfg) * cfg.n_layer, args.against_torch, args.device) \
+        if args.against_torch else None
     shapes = block_shapes(cfg) * args.layers
     real = []
     for world in (int(w) for w in args.worlds.split(",") if w):
@@ -216,7 +255,7 @@ def main():
         real.append(real_optimizer(shapes, world, args.rounds, args.ns_dtype))
 
     bf16_over_fp32 = statistics.median(t["bf16"] / t["fp32"] for t in parts["newton_schulz"].values())
-    print(f"\nMuon's share of a rank's step at {args.config}'s shapes, {tokens_per_step:,} tokens a step, on "
+    print(f"\nMuon's share of a rank's step at {where}'s shapes, {tokens_per_step:,} tokens a step, on "
           f"{args.device} (computed from the measured parts; Newton-Schulz in {main_dtype}, where bf16 takes "
           f"{bf16_over_fp32:.2f}x fp32's time on this device)")
     print("| ranks | fwd+bwd per rank | Muon replicated | share | Muon partitioned | share | "
@@ -236,11 +275,11 @@ def main():
     for r in real:
         print(f"| {r['world']} | {r['matrices']} | {statistics.median(r['replicated']):.2f} s | "
               f"{statistics.median(r['partitioned']):.2f} s | {r['ratio_median']:.2f} | {r['cpu_ratio_median']:.2f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    atomic_write(args.out, (json.dumps({
         "args": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "tokens_per_step": tokens_per_step, "parts": parts, "computed": rows,
-        "real": real, "bf16_over_fp32": bf16_over_fp32}, indent=2) + "\n")
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "cpus": os.cpu_count(),
+        "tokens_per_step": tokens_per_step, "main_dtype": main_dtype, "parts": parts, "computed": rows,
+        "real": real, "against_torch": single, "bf16_over_fp32": bf16_over_fp32}, indent=2) + "\n").encode())
     print(f"\nwrote {args.out}")
 
 

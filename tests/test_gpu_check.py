@@ -69,10 +69,20 @@ def test_dry_run_stages_measure_what_the_gpu_run_will(dry_run):
     # As on the lent image: the four packages it lacks were absent, and everything ran without them.
     packages = stages["machine"]["figures"]["packages"]
     assert all(f"{name} absent" in packages for name in ("datasets", "wandb", "deepspeed", "flash_attn"))
-    for name in ("train-muon", "train-adamw"):  # the loss fell, and the figures the GPU run reports are there
-        f = stages[name]["figures"]
+    for name in ("train-muon", "train-adamw", "train-fsdp2", "train-ddp-1rank"):  # the loss fell, and the
+        f = stages[name]["figures"]                                                 # GPU run's figures are there
         assert f["steps"] == 16 and f["loss, mean of the last 5"] < f["loss at step 1"] - 0.5
         assert f["step ms (median)"] > 0 and "MFU (median)" in f and f["val loss"] is not None
+    # The engines' stages train the same run (fp32 here): FSDP2 with one rank, DDP with one, one process.
+    fsdp, ddp, alone = (stages[name]["figures"] for name in ("train-fsdp2", "train-ddp-1rank", "train-muon"))
+    for key in ("loss at step 1", "loss, mean of the last 5", "val loss"):
+        assert abs(fsdp[key] - ddp[key]) <= 2e-3 and abs(ddp[key] - alone[key]) <= 2e-3, key
+    muon = stages["muon-scaling"]["figures"]  # the partitioned optimizer with one rank is torch.optim.Muon
+    assert muon["weights after 4 steps differ by (max)"] <= 2 ** -8 * muon["weights moved by (max)"]
+    assert muon["one-process step ms, nanokor's Muon"] > 0 and muon["one-process step ms, torch.optim.Muon"] > 0
+    replicated, partitioned = (float(v.rstrip("%")) for v in
+                               muon["Muon's share at 64 ranks, replicated / partitioned"].split(" / "))
+    assert partitioned < replicated
     check = stages["decode-check"]["figures"]
     assert check["dtype"] == "float32" and check["full forwards (no cache)"] == "64/64 tokens, ok"
     assert check["nanokor+cudagraph"] == check["nanokor+cudagraph under autocast"] == "skipped: no CUDA"
