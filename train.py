@@ -107,7 +107,7 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader, val_batches) -
         t_last = time.perf_counter()
         while state.step < cfg.max_steps and not stopping:
             state.step += 1
-            step, lr = state.step, schedule(state.step)
+            step, lr = state.step, schedule(state.step)  # lr: logged (the head's AdamW rate)
             loss_sum = torch.zeros((), device=env.device)
             batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
             for micro, ((x, y), share) in enumerate(zip(batches, target_shares(batches, env))):
@@ -116,7 +116,7 @@ def train_loop(cfg, env: Env, run: RunDir, data: DataDir, loader, val_batches) -
                         _, loss = engine.model(x, y, label_smoothing=cfg.label_smoothing, loss_only=True)
                     engine.backward(loss * share)
                 loss_sum += loss.detach() * share
-            grad_norm, applied = engine.step(lr)  # clips; skips the update if the gradient is not finite
+            grad_norm, applied = engine.step(step)  # sets lr & co., clips; skips a non-finite update
             state.tokens_seen += tokens_per_step
 
             # One all-reduce carries the mean loss and the stop flag, so every rank leaves together.

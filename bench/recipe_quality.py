@@ -4,6 +4,7 @@ wall-clock time.
     python bench/recipe_quality.py                        # every recipe below, seeds 1337 and 1338
     python bench/recipe_quality.py --recipes adamw-cosine,muon --seeds 1337
     python bench/recipe_quality.py --define "muon-lr03=--optimizer=muon --muon_lr=0.03" --recipes adamw-cosine,muon-lr03
+    python bench/recipe_quality.py --baseline muon --recipes v2 --seeds 1337 --tokens 1e6 --no-equal-time
 
 Every run is `python train.py` itself, on the shared Korean corpus prepared once with an 8,192-piece BPE
 and an explicit held-out file (`prepare.py --val-files`, so no recipe ever trains on it). The model is
@@ -13,7 +14,7 @@ own core with one thread, the baseline beside a candidate, so machine noise hits
 training, each run is scored once on the whole held-out split.
 
 Equal tokens: every recipe trains for --tokens. Equal wall-clock: a recipe whose step is slower or
-faster than the baseline's (median step times, measured in the equal-token runs) is trained again for
+faster than the baseline's (--baseline, nanoGPT's recipe unless named) (median step times, measured in the equal-token runs) is trained again for
 the number of steps that costs the baseline's training time; its schedule is laid out over those
 steps, as a user with that budget would do. Evaluation time is not training time.
 
@@ -69,7 +70,8 @@ def parse_args():
     p.add_argument("--seeds", default="1337,1338")
     p.add_argument("--one-seed", default="noam-0.1,guide",
                    help="recipes run with the first seed only (comma-separated; '' for none)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated; the baseline {BASELINE} is always run")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated; the baseline is always run")
+    p.add_argument("--baseline", default=BASELINE, help=f"the recipe the others are compared with (default {BASELINE})")
     p.add_argument("--define", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra recipe: train.py flags on top of the shape (repeatable)")
     p.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
@@ -147,7 +149,8 @@ def main():
     for d in args.define:
         name, _, flags = d.partition("=")
         recipes[name.strip()] = flags
-    names = [BASELINE] + [r for r in args.recipes.split(",") if r and r != BASELINE]
+    base = args.baseline
+    names = [base] + [r for r in args.recipes.split(",") if r and r != base]
     unknown = [r for r in names if r not in recipes]
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; known: {', '.join(recipes)} (add one with --define NAME=FLAGS)")
@@ -158,7 +161,7 @@ def main():
     steps = round(args.tokens / (16 * 256))
 
     print(f"equal tokens: {steps} steps x 4,096 tokens, recipes {', '.join(names)}, seeds {seeds}", flush=True)
-    one_seed = set(args.one_seed.split(",")) - {BASELINE}
+    one_seed = set(args.one_seed.split(",")) - {base}
     seeds_of = {r: seeds[:1] if r in one_seed else seeds for r in names}
     jobs = [make_job(args, recipes, r, s, steps) for s in seeds for r in names if s in seeds_of[r]]
     equal_tokens = run_all(jobs, cores)
@@ -166,7 +169,7 @@ def main():
 
     equal_time = []
     if not args.no_equal_time:
-        budget_steps = {r: round(steps * step_s[BASELINE] / step_s[r]) for r in names}
+        budget_steps = {r: round(steps * step_s[base] / step_s[r]) for r in names}
         timed = [r for r in names if abs(budget_steps[r] - steps) > 0.01 * steps]
         print(f"equal wall-clock: {', '.join(f'{r} {budget_steps[r]} steps' for r in timed) or 'no recipe differs by >1%'}",
               flush=True)
@@ -174,25 +177,25 @@ def main():
                               if s in seeds_of[r]], cores)
         equal_time += [x for x in equal_tokens if x["recipe"] not in timed]
 
-    rows = summarize(names, seeds_of, equal_tokens, equal_time, step_s)
+    rows = summarize(names, seeds_of, equal_tokens, equal_time, step_s, base)
     print_table(rows, steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": SHAPE, "tokens": steps * 4096, "seeds": seeds, "recipes":
+    out.write_text(json.dumps({"shape": SHAPE, "tokens": steps * 4096, "seeds": seeds, "baseline": base, "recipes":
                                {r: recipes[r] for r in names}, "rows": rows, "runs": equal_tokens + equal_time},
                               indent=2) + "\n")
     print(f"wrote {out}")
 
 
-def summarize(names, seeds_of, equal_tokens, equal_time, step_s) -> list[dict]:
+def summarize(names, seeds_of, equal_tokens, equal_time, step_s, base) -> list[dict]:
     def by(results, recipe):
         return {x["seed"]: x for x in results if x["recipe"] == recipe}
 
-    base_tok, base_time = by(equal_tokens, BASELINE), by(equal_time, BASELINE) or by(equal_tokens, BASELINE)
+    base_tok, base_time = by(equal_tokens, base), by(equal_time, base) or by(equal_tokens, base)
     rows = []
     for r in names:
         tok, tim, seeds = by(equal_tokens, r), by(equal_time, r), seeds_of[r]
-        row = {"recipe": r, "seeds": seeds, "step_ms": step_s[r] * 1e3, "step_vs_baseline": step_s[r] / step_s[BASELINE],
+        row = {"recipe": r, "seeds": seeds, "step_ms": step_s[r] * 1e3, "step_vs_baseline": step_s[r] / step_s[base],
                "bpb": [tok[s]["val_bpb"] for s in seeds],
                "bpb_vs_baseline": [tok[s]["val_bpb"] / base_tok[s]["val_bpb"] for s in seeds]}
         if tim:

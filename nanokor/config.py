@@ -45,9 +45,12 @@ class TrainConfig:
     d_ff: int = _MODEL["d_ff"]
     dropout: float = _MODEL["dropout"]
     tie_embeddings: bool = _MODEL["tie_embeddings"]
+    qk_norm: bool = _MODEL["qk_norm"]  # RMSNorm of each head's queries and keys (Qwen3); exports as Qwen3
     rope_theta: float = _MODEL["rope_theta"]
     norm_eps: float = _MODEL["norm_eps"]
     init_std: float = _MODEL["init_std"]
+    zero_init: bool = _MODEL["zero_init"]  # o_proj and down_proj start at zero (else init_std / sqrt(2 n_layer))
+    head_init_scale: float = _MODEL["head_init_scale"]  # an untied LM head starts at init_std times this
     attention: str = _MODEL["attention"]  # auto | flash | sdpa | math
     position: str = _MODEL["position"]  # rope | sinusoidal
     gradient_checkpointing: bool = _MODEL["gradient_checkpointing"]
@@ -62,6 +65,7 @@ class TrainConfig:
     schedule: str = "noam"  # noam | cosine | wsd (warmup-stable-decay)
     lr_factor: float = 3.0  # noam: lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); 3.4e-3 peak
     cooldown_frac: float = 0.4  # noam only: decay linearly to ~0 over this last fraction of max_steps; 0 = never
+    muon_cooldown_frac: float = -1.0  # noam only: Muon's own cooldown fraction; -1 = cooldown_frac
     lr: float = 6e-4  # cosine / wsd: peak learning rate (AdamW's; noam computes it)
     min_lr: float = 6e-5  # cosine / wsd: final learning rate
     warmup_steps: int = 1000
@@ -69,7 +73,10 @@ class TrainConfig:
     embed_lr: float = 0.2  # the embedding's peak AdamW lr; 0 = the schedule's peak (a tied head always uses it)
     muon_lr: float = 0.02  # optimizer=muon: the block matrices' peak lr
     muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum
+    muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises linearly from muon_momentum_start
+    muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
     weight_decay: float = 0.1  # decoupled, on the matrices and an untied head (AdamW and Muon alike)
+    weight_decay_schedule: str = "constant"  # constant | linear, cosine (to 0 at max_steps) | lr (follows the lr)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -98,6 +105,7 @@ CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "optimizer": ("adamw", "muon"),
     "schedule": ("noam", "cosine", "wsd"),
+    "weight_decay_schedule": ("constant", "linear", "cosine", "lr"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum", "max_steps",
@@ -124,14 +132,16 @@ def load_config(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig(**{**values, **flags})
     adopt_architecture(cfg, set(values) | set(flags))
     validate(cfg)
-    if cfg.deepspeed and "engine" in {**values, **flags}:
+    asked = {**values, **flags}
+    if cfg.deepspeed and "engine" in asked:
         raise ConfigError(f"--deepspeed={cfg.deepspeed} selects the DeepSpeed engine, and engine={cfg.engine!r} asks "
                           "for another. Drop one of them: --deepspeed=... for DeepSpeed ZeRO, --engine=fsdp for "
                           "PyTorch's FSDP2, neither for DDP.")
-    if {**values, **flags}.get("cooldown_frac") and cfg.schedule != "noam":
-        # The default cooldown is Noam's and other schedules ignore it; one asked for by name is a mistake.
-        raise ConfigError(f"cooldown_frac is Noam's cooldown; schedule={cfg.schedule!r} decays by itself (to min_lr, "
-                          "over decay_frac for wsd). Remove cooldown_frac or use schedule='noam'.")
+    for key, off in (("cooldown_frac", 0), ("muon_cooldown_frac", -1)):
+        if asked.get(key, off) != off and cfg.schedule != "noam":
+            # The default cooldown is Noam's and other schedules ignore it; one asked for by name is a mistake.
+            raise ConfigError(f"{key} is Noam's cooldown; schedule={cfg.schedule!r} decays by itself (to min_lr, "
+                              f"over decay_frac for wsd). Remove {key} or use schedule='noam'.")
     return cfg
 
 
@@ -217,6 +227,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.embed_lr < 0 or cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1:
         problems.append(f"embed_lr must not be negative, muon_lr must be positive and muon_momentum in [0, 1), got "
                         f"{cfg.embed_lr}, {cfg.muon_lr} and {cfg.muon_momentum}")
+    if cfg.muon_momentum_warmup < 0 or not 0 <= cfg.muon_momentum_start < 1:
+        problems.append(f"muon_momentum_warmup must not be negative and muon_momentum_start must be in [0, 1), got "
+                        f"{cfg.muon_momentum_warmup} and {cfg.muon_momentum_start}")
+    if not (0 <= cfg.muon_cooldown_frac <= 1 or cfg.muon_cooldown_frac == -1):
+        problems.append(f"muon_cooldown_frac must be in [0, 1], or -1 for cooldown_frac, got {cfg.muon_cooldown_frac}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         problems.append(f"beta1 and beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
     if cfg.init_from not in INIT_FROM and not Path(cfg.init_from).is_file():

@@ -5,7 +5,8 @@
         with engine.grad_sync(last_micro_step):  # DDP all-reduces gradients only on the last micro-step
             loss = engine.model(x, y, ...)[1]
             engine.backward(loss)
-    grad_norm, applied = engine.step(lr)     # clip, update; skipped when the gradient is not finite
+    grad_norm, applied = engine.step(step)   # the step's lr, momentum, decay; clip, update (skipped when
+                                             # the gradient is not finite)
     engine.save(run, state, extras)          # last.pt (and the engine's own checkpoint); every rank calls it
     state = engine.resume(run)               # weights and optimizer back; returns the LoopState
 
@@ -35,7 +36,7 @@ from nanokor.checkpoint import LoopState, check_architecture, load_checkpoint, l
 from nanokor.device import resolve_dtype
 from nanokor.distributed import Env, all_reduce_sum, barrier, broadcast_from_master, gather_objects
 from nanokor.errors import CheckpointError, ConfigError
-from nanokor.optim import build_optimizer, param_groups, schedule_peak
+from nanokor.optim import Hyperparameters, build_optimizer, param_groups, schedule_peak
 from nanokor.rundir import RunDir
 
 
@@ -79,11 +80,12 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()  # the accumulated gradient is the mean over micro-steps
 
-    def step(self, lr: float) -> tuple[float, bool]:
-        """Clip and update; a non-finite gradient norm (the same on every rank) skips the update. The
+    def step(self, step: int) -> tuple[float, bool]:
+        """Set the optimizers' values for optimizer step `step` (learning rates, Muon's momentum, weight
+        decay), clip and update; a non-finite gradient norm (the same on every rank) skips the update. The
         gradients are complete here (all-reduced by DDP), so every optimizer, Muon's orthogonalization
         included, sees the same gradient on every rank and the ranks stay identical."""
-        self.optimizer.set_lr(lr)
+        self.optimizer.set_step(step)
         norm = self.clip_grad_norm()
         applied = math.isfinite(norm)
         if applied:
@@ -239,7 +241,8 @@ class FSDPEngine(TorchEngine):
 
 
 class DeepSpeedEngine:
-    """DeepSpeed owns bf16, accumulation, clipping and the optimizer step; the loop still sets the lr.
+    """DeepSpeed owns bf16, accumulation, clipping and the optimizer step; nanokor still sets the lr and
+    the weight decay each step.
 
     Engine checkpoints go to out_dir/deepspeed/step_N (the newest one is kept) with the loop state as
     client state; rank 0 also writes a consolidated fp32 last.pt, so sample.py and export work the same.
@@ -264,6 +267,7 @@ class DeepSpeedEngine:
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.name = f"DeepSpeed ZeRO-{self.stage}"
         groups = param_groups(model, cfg, schedule_peak(cfg))["adamw"]
+        self.hyperparameters = Hyperparameters(cfg)
         optimizer = None if "optimizer" in ds_config else build_optimizer(model, cfg).optimizers["adamw"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, model_parameters=groups)
@@ -283,9 +287,8 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed wants step() after every backward; this one only counts
 
-    def step(self, lr: float) -> tuple[float, bool]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+    def step(self, step: int) -> tuple[float, bool]:
+        self.hyperparameters.apply({"adamw": self.optimizer.param_groups}, step)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm), self.engine.was_step_applied()

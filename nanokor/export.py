@@ -1,12 +1,13 @@
-"""Hugging Face export: a directory `transformers` loads offline as LlamaForCausalLM + its tokenizer.
+"""Hugging Face export: a directory `transformers` loads offline as LlamaForCausalLM (Qwen3ForCausalLM for
+a model with qk_norm: Llama plus a per-head RMSNorm of queries and keys) + its tokenizer.
 
     python -m nanokor.export --ckpt out/last.pt --out hf/
     python -m nanokor.export --ckpt out/last.pt --gguf --out gguf/ --dtype q8_0   # llama.cpp / Ollama
 
-nanokor's parameter names are Llama's, so the weights are a key rename; config.json is written from
-the model config, and tokenizer.json reproduces the SentencePiece model exactly. transformers is
-never imported here: the files are plain JSON and safetensors. A README.md model card goes beside
-them. `--gguf` writes a GGUF file instead (nanokor/export_gguf.py).
+nanokor's parameter names are Llama's (and Qwen3's q_norm / k_norm), so the weights are a key rename;
+config.json is written from the model config, and tokenizer.json reproduces the SentencePiece model
+exactly. transformers is never imported here: the files are plain JSON and safetensors. A README.md
+model card goes beside them. `--gguf` writes a GGUF file instead (nanokor/export_gguf.py).
 """
 
 import argparse
@@ -28,13 +29,20 @@ from nanokor.model import ModelConfig, Transformer
 from nanokor.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
+def hf_architecture(config: ModelConfig) -> tuple[str, str]:
+    """(architecture, model_type) of the equivalent transformers model: Llama, or Qwen3 (Llama with
+    q_norm / k_norm: RMSNorm over each head's dimensions, one gain shared by the heads, before RoPE)."""
+    return ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("LlamaForCausalLM", "llama")
+
+
 def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int | list[int] = 2, pad_id: int | None = 3) -> dict:
-    """The config.json of an equivalent LlamaForCausalLM (transformers 5.x field names, with the
-    4.x `rope_theta` kept for older readers)."""
+    """The config.json of an equivalent LlamaForCausalLM or Qwen3ForCausalLM (transformers 5.x field
+    names, with the 4.x `rope_theta` kept for older readers)."""
     check_position(config)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    architecture, model_type = hf_architecture(config)
+    fields = {
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.d_ff,
@@ -57,6 +65,10 @@ def hf_config(config: ModelConfig, *, bos_id: int = 1, eos_id: int | list[int] =
         "pad_token_id": pad_id,
         "torch_dtype": "float32",
     }
+    if config.qk_norm:  # Qwen3 has no MLP bias switch, and a sliding window that must stay off
+        del fields["mlp_bias"]
+        fields["use_sliding_window"] = False
+    return fields
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
@@ -163,8 +175,10 @@ def model_card(ckpt: dict, model: Transformer, license: str, chat: ChatSpec | No
     c = model.config
     proto = sentencepiece_proto(ckpt["tokenizer"])
     kind = "BPE" if proto.trainer_spec.model_type == BPE else "unigram"
+    architecture, model_type = hf_architecture(c)
+    decoder = "Qwen3 decoder (Llama with per-head q/k RMSNorm)" if c.qk_norm else "Llama decoder"
     rows = {
-        "architecture": f"Llama decoder: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads "
+        "architecture": f"{decoder}: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads "
                         f"({c.n_kv_head} key/value), d_ff {c.d_ff}, RoPE θ {c.rope_theta:g}, RMSNorm ε "
                         f"{c.norm_eps:g}, {'tied' if c.tie_embeddings else 'untied'} embeddings",
         "parameters": f"{model.num_params():,}",
@@ -189,12 +203,12 @@ library_name: transformers
 pipeline_tag: text-generation
 tags:
 - nanokor
-- llama
+- {model_type}
 ---
 
 # nanokor Korean language model
 
-A Korean decoder-only language model trained with nanokor. It loads as `LlamaForCausalLM`.
+A Korean decoder-only language model trained with nanokor. It loads as `{architecture}`.
 
 | | |
 |---|---|
@@ -254,8 +268,9 @@ def _gguf_exporter():
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nanokor.export",
-                                description="Export a nanokor checkpoint as a Hugging Face Llama directory, or "
-                                            "with --gguf as a GGUF file for llama.cpp, Ollama and LM Studio.")
+                                description="Export a nanokor checkpoint as a Hugging Face Llama (or Qwen3) "
+                                            "directory, or with --gguf as a GGUF file for llama.cpp, Ollama and "
+                                            "LM Studio.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, e.g. out/last.pt")
     p.add_argument("--out", help="output directory (default: hf/, or gguf/ with --gguf)")
     p.add_argument("--gguf", action="store_true",

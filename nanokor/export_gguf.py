@@ -3,8 +3,9 @@
     python -m nanokor.export --ckpt out/last.pt --gguf --out gguf/ --dtype f16
     # -> gguf/model-f16.gguf, gguf/Modelfile
 
-The file holds what llama.cpp's convert_hf_to_gguf.py writes for a Llama, taken from the checkpoint
-directly: llama.cpp's tensor names, q/k rows reordered for its RoPE, the hyperparameters, sampling
+The file holds what llama.cpp's convert_hf_to_gguf.py writes for a Llama (or, for a qk_norm model, a
+Qwen3), taken from the checkpoint directly: llama.cpp's tensor names, q/k rows reordered for its Llama
+RoPE (Qwen3's rotates halves as nanokor does, so its rows stay), the hyperparameters, sampling
 defaults equal to sample.py's, and the SentencePiece vocabulary as llama.cpp's "llama" (SPM)
 tokenizer with add_space_prefix false, so a prompt becomes the same ids as in nanokor. A chat model
 also carries its chat template and end-of-turn token, and its Modelfile the same format for Ollama. Written with
@@ -45,15 +46,22 @@ def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_architecture(model: Transformer) -> gguf.MODEL_ARCH:
+    """llama.cpp's architecture: `qwen3` (attn_q_norm / attn_k_norm before a rotate-half RoPE) for a
+    qk_norm model, else `llama`."""
+    return gguf.MODEL_ARCH.QWEN3 if model.config.qk_norm else gguf.MODEL_ARCH.LLAMA
+
+
 def gguf_tensors(model: Transformer, qtype: Q):
     """(llama.cpp name, data, tensor type) for each weight. A tied LM head is left out: llama.cpp
     reuses token_embd.weight when output.weight is absent."""
     c = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layer)
+    arch = gguf_architecture(model)
+    names = gguf.get_tensor_name_map(arch, c.n_layer)
     for hf_name, w in hf_state_dict(model).items():
-        if hf_name.endswith("q_proj.weight"):
+        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("q_proj.weight"):
             w = rope_permute(w, c.n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith("k_proj.weight"):
             w = rope_permute(w, c.n_kv_head)
         kind = qtype if w.ndim == 2 else Q.F32
         if kind == Q.Q8_0 and w.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
@@ -164,7 +172,7 @@ def export_gguf(ckpt: dict, out_dir, dtype: torch.dtype | str = torch.float32, l
     except ValueError as e:
         raise ExportError(str(e)) from None
     qtype, file_type = TYPES[dtype]
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf_architecture(model)])
     add_metadata(writer, ckpt, license)
     add_hyperparameters(writer, model)
     writer.add_file_type(file_type)

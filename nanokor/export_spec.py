@@ -21,8 +21,8 @@ SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetit
 
 
 def hf_state_dict(model: Transformer) -> dict:
-    """LlamaForCausalLM keys: everything but the LM head lives under `model.`. A tied head is omitted
-    (transformers re-ties it from `tie_word_embeddings`)."""
+    """LlamaForCausalLM (and Qwen3ForCausalLM) keys: everything but the LM head lives under `model.`. A
+    tied head is omitted (transformers re-ties it from `tie_word_embeddings`)."""
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":

@@ -41,11 +41,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     position: str = "rope"  # rope | sinusoidal (the classic absolute baseline, for ablations)
+    qk_norm: bool = False  # RMSNorm (with a learned gain) of each head's queries and keys, before RoPE: Qwen3's
     # ---- runtime: free to differ between training, a resume and inference ----
     dropout: float = field(default=0.0, metadata=RUNTIME)
     attention: str = field(default="auto", metadata=RUNTIME)  # auto | flash | sdpa | math
     gradient_checkpointing: bool = field(default=False, metadata=RUNTIME)
     init_std: float = field(default=0.02, metadata=RUNTIME)
+    zero_init: bool = field(default=False, metadata=RUNTIME)  # o_proj and down_proj start at zero
+    head_init_scale: float = field(default=1.0, metadata=RUNTIME)  # an untied LM head's init std / init_std
 
     def __post_init__(self):
         problems = [f"{key} must be positive, got {getattr(self, key)}" for key in
@@ -54,8 +57,8 @@ class ModelConfig:
             problems.append(f"n_kv_head must be positive (or 0 for n_head), got {self.n_kv_head}")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0 or self.init_std < 0 or self.rope_theta <= 0:
-            problems.append("norm_eps and rope_theta must be positive and init_std not negative")
+        if self.norm_eps <= 0 or self.init_std < 0 or self.rope_theta <= 0 or self.head_init_scale < 0:
+            problems.append("norm_eps and rope_theta must be positive and init_std and head_init_scale not negative")
         if problems:
             raise ValueError("Invalid model config: " + "; ".join(problems) + ".")
         if self.n_kv_head == 0:
@@ -276,12 +279,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3's q_norm / k_norm: one gain per head dimension, shared by the heads
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            # Before the rotation, as Qwen3 does: RoPE keeps each head's norm, so the normalisation is the same
+            # either way, but a learned gain that is not symmetric in the rotated pairs is not.
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
@@ -454,16 +465,20 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Normal(0, init_std) everywhere; residual output projections shrunk by 1/sqrt(2 * n_layer)
-        so the residual stream's variance does not grow with depth (GPT-2 / nanoGPT)."""
-        std = self.config.init_std
+        """Normal(0, init_std) everywhere and the norms' gains at 1; residual output projections shrunk by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2 / nanoGPT),
+        or zero with zero_init (modded-nanogpt: each block starts as the identity); an untied LM head at
+        init_std * head_init_scale (small: the first logits are nearly uniform)."""
+        c = self.config
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            if p.dim() == 1:  # every vector is a norm's gain
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+                nn.init.normal_(p, 0.0, 0.0 if c.zero_init else c.init_std / math.sqrt(2 * c.n_layer))
+            elif name == "lm_head.weight":  # untied: a tied head is embed_tokens.weight, named once
+                nn.init.normal_(p, 0.0, c.init_std * c.head_init_scale)
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, c.init_std)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None,
                 label_smoothing: float = 0.0, reduction: str = "mean", last_only: bool = False,

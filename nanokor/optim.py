@@ -11,13 +11,16 @@ Which tensor gets which optimizer is decided in one place, `param_groups`:
                        embedding, the LM head and the norms with AdamW, since an orthogonalized update
                        means nothing for a lookup table, a vector, or the logits' own scale.
 
-Each group has its own peak learning rate, stored as `lr_scale`, its ratio to the schedule's peak:
-the loop sets `lr = schedule(step)` and every group follows at its own scale. The schedule's peak
-(`lr` for cosine and wsd, computed for Noam) is the AdamW rate; `embed_lr` (when set) is the
-embedding's peak and `muon_lr` the Muon matrices'.
+Each group has its own peak learning rate, stored as `lr_scale`, its ratio to the schedule's peak,
+and its own peak weight decay, `weight_decay_peak`. Every step the engine calls
+`Optimizers.set_step(step)`, and `Hyperparameters` sets each group's values for that step: the
+learning rate of its optimizer's schedule times `lr_scale` (Muon may cool down over its own fraction of
+the run), Muon's momentum (optionally warmed up), and the weight decay times the weight-decay
+schedule. The schedule's peak (`lr` for cosine and wsd, computed for Noam) is the AdamW rate;
+`embed_lr` (when set) is the embedding's peak and `muon_lr` the Muon matrices'.
 
 Schedules are plain functions of the optimizer step, counted from 1 (the first update is step 1), so a
-resumed run continues the curve from its saved step with nothing else to restore.
+resumed run continues every curve from its saved step with nothing else to restore.
 """
 
 import math
@@ -58,7 +61,8 @@ def param_groups(model: torch.nn.Module, cfg, peak_lr: float) -> dict[str, list[
     for name, params in named.items():
         if not params:
             continue
-        group = {"name": name, "params": params, "weight_decay": decay[name], "lr_scale": scale[name]}
+        group = {"name": name, "params": params, "weight_decay": decay[name], "weight_decay_peak": decay[name],
+                 "lr_scale": scale[name]}
         if name == "matrices" and cfg.optimizer == "muon":
             groups["muon"].append({**group, "lr_scale": cfg.muon_lr / peak_lr})
         else:
@@ -66,23 +70,68 @@ def param_groups(model: torch.nn.Module, cfg, peak_lr: float) -> dict[str, list[
     return {k: v for k, v in groups.items() if v}
 
 
+class Hyperparameters:
+    """Every per-step value the optimizers take, as plain functions of the step:
+
+        lr            each optimizer's schedule (`make_schedule`; Muon's may cool down over its own
+                      `muon_cooldown_frac`) times the group's `lr_scale`;
+        momentum      Muon's, warmed up linearly from `muon_momentum_start` to `muon_momentum` over the
+                      first `muon_momentum_warmup` steps (modded-nanogpt, nanochat);
+        weight_decay  the group's `weight_decay_peak` times `weight_decay_schedule`'s factor: constant,
+                      linear or cosine to 0 at max_steps, or the group's own learning-rate curve / its peak.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.peak = schedule_peak(cfg)
+        self.schedules = {name: make_schedule(cfg, name) for name in OPTIMIZERS}
+
+    def apply(self, groups: dict[str, list[dict]], step: int) -> None:
+        """Set the values for `step` in {optimizer name: its param groups}."""
+        for name, param_groups in groups.items():
+            lr = self.schedules[name](step)
+            decay = self.weight_decay_factor(step, lr)
+            for group in param_groups:
+                group["lr"] = lr * group["lr_scale"]
+                group["weight_decay"] = group["weight_decay_peak"] * decay
+                if name == "muon":
+                    group["momentum"] = self.muon_momentum(step)
+
+    def muon_momentum(self, step: int) -> float:
+        cfg = self.cfg
+        if step >= cfg.muon_momentum_warmup:
+            return cfg.muon_momentum
+        return cfg.muon_momentum_start + (cfg.muon_momentum - cfg.muon_momentum_start) * step / cfg.muon_momentum_warmup
+
+    def weight_decay_factor(self, step: int, lr: float) -> float:
+        kind, progress = self.cfg.weight_decay_schedule, min(step / self.cfg.max_steps, 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "lr":  # decay and rate anneal together: the decoupled step lr * wd falls as lr^2
+            return lr / self.peak
+        return 1.0
+
+
 class Optimizers:
-    """The run's optimizers behind one interface: step, zero_grad, set_lr, state_dict, load_state_dict.
+    """The run's optimizers behind one interface: step, zero_grad, set_step, state_dict, load_state_dict.
 
     The state dict is {optimizer name: its state}, so a checkpoint says which optimizers wrote it and a
     resume with another `optimizer` is refused with a message instead of failing inside torch.
     """
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], hyperparameters: Hyperparameters):
         self.optimizers = optimizers
+        self.hyperparameters = hyperparameters
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+    def set_step(self, step: int) -> None:
+        """Learning rates, Muon's momentum and the weight decay for optimizer step `step` (from 1)."""
+        self.hyperparameters.apply({name: opt.param_groups for name, opt in self.optimizers.items()}, step)
 
     def step(self) -> None:
         for opt in self.optimizers.values():
@@ -103,7 +152,11 @@ class Optimizers:
                                   "started with (--optimizer=adamw or --optimizer=muon), or start a new run in "
                                   "another --out_dir.")
         for name, opt in self.optimizers.items():
+            built = opt.param_groups
             opt.load_state_dict(state[name])
+            for fresh, loaded in zip(built, opt.param_groups):  # keys that older checkpoints lack
+                for key in ("lr_scale", "weight_decay_peak"):
+                    loaded.setdefault(key, fresh[key])
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
@@ -119,7 +172,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
                                                  fused=True)
         else:
             optimizers[name] = muon(group, cfg)
-    return Optimizers(optimizers)
+    return Optimizers(optimizers, Hyperparameters(cfg))
 
 
 def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
@@ -178,11 +231,14 @@ def wsd_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, dec
     return lr + (min_lr - lr) * progress
 
 
-def make_schedule(cfg) -> Callable[[int], float]:
-    """The learning rate as a function of the step, as the TrainConfig `cfg` chooses it."""
+def make_schedule(cfg, optimizer: str = "adamw") -> Callable[[int], float]:
+    """The learning rate as a function of the step, as the TrainConfig `cfg` chooses it: the AdamW rate
+    (the one train.py logs), or with optimizer="muon" the curve Muon's groups follow, which differs only
+    in Noam's cooldown when `muon_cooldown_frac` is set."""
     if cfg.schedule == "noam":
+        frac = cfg.muon_cooldown_frac if optimizer == "muon" and cfg.muon_cooldown_frac >= 0 else cfg.cooldown_frac
         return partial(noam_cooldown_lr, d_model=cfg.d_model, warmup=cfg.warmup_steps, factor=cfg.lr_factor,
-                       max_steps=cfg.max_steps, frac=cfg.cooldown_frac)
+                       max_steps=cfg.max_steps, frac=frac)
     if cfg.schedule == "cosine":
         return partial(cosine_lr, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, max_steps=cfg.max_steps)
     return partial(wsd_lr, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, max_steps=cfg.max_steps,

@@ -126,6 +126,19 @@ def test_cooldown_frac_named_with_another_schedule_is_refused():
     with pytest.raises(ConfigError, match="cooldown_frac is Noam's cooldown"):
         load_config(["--schedule=cosine", "--cooldown_frac=0.3"])
     assert load_config(["--schedule=cosine"]).schedule == "cosine"  # the default cooldown stays Noam's
+    with pytest.raises(ConfigError, match="muon_cooldown_frac is Noam's cooldown"):
+        load_config(["--schedule=wsd", "--muon_cooldown_frac=0.8"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--weight_decay_schedule=step", "weight_decay_schedule must be one of"),
+    ("--muon_momentum_start=1.0", "muon_momentum_start must be in"),
+    ("--muon_momentum_warmup=-5", "muon_momentum_warmup must not be negative"),
+    ("--muon_cooldown_frac=1.5", "muon_cooldown_frac must be in"),
+    ("--head_init_scale=-0.1", "head_init_scale not negative")])
+def test_recipe_v2_keys_are_validated(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([flag])
 
 
 def test_every_model_field_is_a_config_key_with_the_models_default():

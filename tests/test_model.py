@@ -1,4 +1,5 @@
-"""The decoder against independent references: transformers' Llama, explicit math, and formulas."""
+"""The decoder against independent references: transformers' Llama (and Qwen3 for qk_norm), explicit math,
+and formulas."""
 
 import math
 
@@ -18,7 +19,18 @@ PARITY_CONFIGS = {
                                tie_embeddings=True, rope_theta=500000.0),
     "mqa-theta-1e6": dict(vocab_size=777, n_layer=2, n_head=6, n_kv_head=1, d_model=96, d_ff=200,
                           rope_theta=1e6, norm_eps=1e-6),
+    "qk-norm-gqa": dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=176, qk_norm=True),
 }
+
+
+def random_gains(model: Transformer) -> Transformer:
+    """Norm gains away from 1, different for the two halves RoPE pairs: a q/k norm applied after the
+    rotation instead of before it (Qwen3's order) would then compute different logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -27,7 +39,11 @@ def tiny(**overrides) -> ModelConfig:
 
 
 def hf_twin(model: Transformer):
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(model.config)))
+    """transformers' model of the architecture the export names (Llama, or Qwen3 for qk_norm), with the
+    same weights."""
+    fields = hf_config(model.config)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**fields))
+    assert type(hf).__name__ == fields["architectures"][0]
     hf.config._attn_implementation = "eager"  # the plainest reference path
     result = hf.load_state_dict(hf_state_dict(model), strict=False)
     expected_missing = ["lm_head.weight"] if model.config.tie_embeddings else []
@@ -38,7 +54,7 @@ def hf_twin(model: Transformer):
 @pytest.mark.parametrize("name", PARITY_CONFIGS)
 def test_logits_and_loss_match_transformers_llama(name):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(max_seq_len=128, **PARITY_CONFIGS[name])).eval()
+    model = random_gains(Transformer(ModelConfig(max_seq_len=128, **PARITY_CONFIGS[name])).eval())
     hf = hf_twin(model)
     idx = torch.randint(0, model.config.vocab_size, (2, 100))
     # nanokor takes pre-shifted targets; -1 marks the last position, which has no next token.
@@ -50,12 +66,12 @@ def test_logits_and_loss_match_transformers_llama(name):
     assert abs(loss.item() - ref.loss.item()) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["mha-untied", "gqa-tied-odd-vocab"])
+@pytest.mark.parametrize("name", ["mha-untied", "gqa-tied-odd-vocab", "qk-norm-gqa"])
 def test_gradients_match_transformers_llama_in_fp32(name):
     """The hand-written backwards (RMSNorm, rotary, the fused head + loss) against autograd through
-    transformers' own Llama: every parameter's gradient."""
+    transformers' own Llama (Qwen3 for qk_norm): every parameter's gradient."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(max_seq_len=128, **PARITY_CONFIGS[name]))
+    model = random_gains(Transformer(ModelConfig(max_seq_len=128, **PARITY_CONFIGS[name])))
     hf = hf_twin(model)
     idx = torch.randint(0, model.config.vocab_size, (2, 64))
     targets = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)
@@ -144,10 +160,11 @@ def test_rope_scores_depend_only_on_relative_offset():
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=1), dict(position="sinusoidal"), dict(attention="math")])
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=1), dict(position="sinusoidal"), dict(attention="math"),
+                                       dict(qk_norm=True)])
 def test_kv_cache_decoding_reproduces_full_forward(overrides, static):
     torch.manual_seed(0)
-    model = Transformer(tiny(**overrides)).eval()
+    model = random_gains(Transformer(tiny(**overrides)).eval())
     idx = torch.randint(0, 301, (2, 30))
     with torch.no_grad():
         full = model(idx)[0]
@@ -252,6 +269,29 @@ def test_residual_projections_are_scaled_down_with_depth():
     assert model.layers[0].mlp.up_proj.weight.std().item() == pytest.approx(std, rel=0.05)
     assert model.layers[0].self_attn.o_proj.weight.std().item() == pytest.approx(std / 4, rel=0.05)
     assert model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(std / 4, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_zero_init_and_a_small_head_change_only_their_own_tensors():
+    torch.manual_seed(0)
+    plain = Transformer(tiny(n_layer=4, d_model=256, d_ff=512, vocab_size=1000))
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_layer=4, d_model=256, d_ff=512, vocab_size=1000, zero_init=True, head_init_scale=0.05,
+                             qk_norm=True))
+    assert model.lm_head.weight.std().item() == pytest.approx(0.02 * 0.05, rel=0.05)
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert (p == 0).all(), name
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            assert (p == 1).all() and p.shape == (64,), name
+        elif name != "lm_head.weight":  # the same draws as without the options
+            assert torch.equal(p, dict(plain.named_parameters())[name]), name
+    # Each block starts as the identity, so the hidden states are the normed embeddings.
+    idx = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(model._hidden_states(idx), model.norm(model.embed_tokens(idx)), atol=1e-6)
+    with pytest.raises(ValueError, match="head_init_scale"):
+        tiny(head_init_scale=-1.0)
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -1,5 +1,6 @@
 """Optimizers: which tensor gets which optimizer and rate, one Muon step against a float64 reference,
-the Noam cooldown against its formula, and a resume with another optimizer refused."""
+the Noam cooldown and the per-step hyperparameters against their formulas, and a resume with another
+optimizer refused."""
 
 import math
 
@@ -61,12 +62,12 @@ def test_every_group_follows_the_schedule_at_its_own_peak():
     cfg, model = small_model("--optimizer=muon", "--schedule=noam", "--warmup_steps=10", "--lr_factor=0.5",
                              "--muon_lr=0.03", "--embed_lr=0.2")
     opt = build_optimizer(model, cfg)
-    schedule, peak = make_schedule(cfg), noam_lr(10, 32, 10, 0.5)
-    opt.set_lr(schedule(10))
+    peak = noam_lr(10, 32, 10, 0.5)
+    opt.set_step(10)
     lr = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lr["matrices"] == pytest.approx(0.03) and lr["embedding"] == pytest.approx(0.2)
     assert lr["head"] == lr["norms"] == pytest.approx(peak)
-    opt.set_lr(schedule(40))  # Noam's 1/sqrt(step): half the peak at 4x the warmup, for every group
+    opt.set_step(40)  # Noam's 1/sqrt(step): half the peak at 4x the warmup, for every group
     assert {g["name"]: g["lr"] for g in opt.param_groups}["matrices"] == pytest.approx(0.015)
 
 
@@ -86,14 +87,16 @@ def newton_schulz_f64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def test_one_muon_step_matches_a_float64_reference():
-    cfg, model = small_model("--optimizer=muon", "--schedule=cosine", "--lr=1e-3", "--warmup_steps=0",
-                             "--muon_lr=0.05", "--muon_momentum=0.9", "--weight_decay=0.1")
+    cfg, model = small_model("--optimizer=muon", "--schedule=wsd", "--lr=1e-3", "--warmup_steps=0",
+                             "--muon_lr=0.05", "--muon_momentum=0.9", "--muon_momentum_warmup=4",
+                             "--muon_momentum_start=0.5", "--weight_decay=0.1")
     opt = build_optimizer(model, cfg)
-    opt.set_lr(1e-3)  # the schedule's peak, so Muon runs at muon_lr
     w = model.layers[0].mlp.up_proj.weight  # 48 x 32: tall, so the shape scaling sqrt(48/32) applies
     torch.manual_seed(1)
-    lr, mu, wd, buf = 0.05, 0.9, 0.1, torch.zeros(48, 32, dtype=torch.float64)
-    for _ in range(2):  # the second step also checks the momentum buffer
+    lr, wd, buf = 0.05, 0.1, torch.zeros(48, 32, dtype=torch.float64)
+    for step in (1, 2):  # the second step also checks the momentum buffer
+        opt.set_step(step)  # wsd's plateau: the schedule's peak, so Muon runs at muon_lr
+        mu = 0.5 + 0.4 * step / 4  # the momentum warmup: 0.6, then 0.7
         g = torch.randn_like(w)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -124,6 +127,48 @@ def test_cooldown_matches_its_formula():
     lr = make_schedule(cfg)
     assert lr(80) == noam_lr(80, 256, 10) and lr(90) == pytest.approx(noam_lr(90, 256, 10) * 11 / 21)
     assert lr(100) == pytest.approx(noam_lr(100, 256, 10) / 21)  # small, not zero: the last update still counts
+
+
+WEIGHT_DECAY = {  # the factor on weight_decay at step s of 100, given the group's lr curve / its peak r
+    "constant": lambda s, r: 1.0, "linear": lambda s, r: 1 - s / 100,
+    "cosine": lambda s, r: 0.5 * (1 + math.cos(math.pi * s / 100)), "lr": lambda s, r: r}
+
+
+@pytest.mark.parametrize("decay", WEIGHT_DECAY)
+def test_every_groups_rate_momentum_and_decay_follow_their_schedules(decay):
+    cfg, model = small_model("--optimizer=muon", "--schedule=noam", "--warmup_steps=10", "--lr_factor=0.5",
+                             "--max_steps=100", "--cooldown_frac=0.4", "--muon_cooldown_frac=0.8", "--muon_lr=0.03",
+                             "--muon_momentum_warmup=30", "--muon_momentum_start=0.85", "--muon_momentum=0.95",
+                             "--weight_decay=0.1", f"--weight_decay_schedule={decay}", "--embed_lr=0.2")
+    opt = build_optimizer(model, cfg)
+    peak = noam_lr(10, 32, 10, 0.5)
+    for step in (1, 10, 15, 30, 50, 70, 100):
+        opt.set_step(step)
+        group = {g["name"]: g for g in opt.param_groups}
+        adamw = noam_lr(step, 32, 10, 0.5) * cooldown(step, 100, 0.4)  # AdamW cools down over the last 40%
+        muon = noam_lr(step, 32, 10, 0.5) * cooldown(step, 100, 0.8)  # Muon over its own last 80%
+        assert group["head"]["lr"] == group["norms"]["lr"] == pytest.approx(adamw)
+        assert group["embedding"]["lr"] == pytest.approx(0.2 * adamw / peak)
+        assert group["matrices"]["lr"] == pytest.approx(0.03 * muon / peak)
+        assert group["matrices"]["momentum"] == pytest.approx(0.85 + 0.1 * min(step / 30, 1))
+        assert group["matrices"]["weight_decay"] == pytest.approx(0.1 * WEIGHT_DECAY[decay](step, muon / peak))
+        assert group["head"]["weight_decay"] == pytest.approx(0.1 * WEIGHT_DECAY[decay](step, adamw / peak))
+        assert group["embedding"]["weight_decay"] == group["norms"]["weight_decay"] == 0.0
+    assert make_schedule(cfg)(70) == pytest.approx(noam_lr(70, 32, 10, 0.5) * cooldown(70, 100, 0.4))  # the logged lr
+
+
+def test_a_checkpoint_without_peak_weight_decays_still_resumes():
+    """Optimizer states saved before the weight-decay schedule lack `weight_decay_peak`."""
+    cfg, model = small_model("--optimizer=muon", "--weight_decay=0.1")
+    state = build_optimizer(model, cfg).state_dict()
+    for opt_state in state.values():
+        for group in opt_state["param_groups"]:
+            del group["weight_decay_peak"]
+    opt = build_optimizer(model, cfg)
+    opt.load_state_dict(state)
+    opt.set_step(5)
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups} == {
+        "embedding": 0.0, "head": 0.1, "norms": 0.0, "matrices": 0.1}
 
 
 def test_resume_with_another_optimizer_is_refused_by_name():
