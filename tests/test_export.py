@@ -1,5 +1,6 @@
-"""The exported directory in transformers (offline): same logits, same token ids, same greedy tokens; for a
-chat model, apply_chat_template's ids and the replies chat.py gives."""
+"""The exported directory in transformers (offline): same logits, same token ids, same greedy tokens; a
+qk_norm model as Qwen3ForCausalLM, every other as LlamaForCausalLM; for a chat model, apply_chat_template's
+ids and the replies chat.py gives."""
 
 import importlib.util
 import json
@@ -51,14 +52,22 @@ def exported_tied_mqa(tmp_path_factory, tokenizer):
                       norm_eps=1e-6)
 
 
+@pytest.fixture(scope="module")
+def exported_qk_norm(tmp_path_factory, tokenizer):
+    return export_dir(tmp_path_factory, tokenizer, "qk", qk_norm=True, random_gains=True)
+
+
 def load_pair(ckpt, out):
     return build_model(load_checkpoint(ckpt)), AutoModelForCausalLM.from_pretrained(out).eval()
 
 
-@pytest.mark.parametrize("which", ["exported", "exported_tied_mqa"])
-def test_transformers_logits_equal_nanokor_on_korean_text(which, request, tokenizer):
+@pytest.mark.parametrize("which, architecture", [("exported", "LlamaForCausalLM"),
+                                                  ("exported_tied_mqa", "LlamaForCausalLM"),
+                                                  ("exported_qk_norm", "Qwen3ForCausalLM")])
+def test_transformers_logits_equal_nanokor_on_korean_text(which, architecture, request, tokenizer):
     ckpt, out = request.getfixturevalue(which)
     model, hf = load_pair(ckpt, out)
+    assert type(hf).__name__ == architecture and hf.config.architectures == [architecture]
     assert hf.config.num_key_value_heads == model.config.n_kv_head
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     assert hf.config.rms_norm_eps == model.config.norm_eps
@@ -97,8 +106,9 @@ def test_unigram_tokenizer_exports_exactly_too(tmp_path):
         assert hf_tok.encode(text, add_special_tokens=False).ids == unigram.encode(text), text[:40]
 
 
-def test_greedy_generation_gives_the_same_tokens_in_both(exported, tokenizer):
-    model, hf = load_pair(*exported)
+@pytest.mark.parametrize("which", ["exported", "exported_qk_norm"])
+def test_greedy_generation_gives_the_same_tokens_in_both(which, request, tokenizer):
+    model, hf = load_pair(*request.getfixturevalue(which))
     prompt = [tokenizer.bos_id, *tokenizer.encode("조선의 역사는")]
     ours = torch.stack(list(generate(model, torch.tensor([prompt]), 40, temperature=0,
                                      stop_ids=tokenizer.eos_id)), dim=1)[0].tolist()
@@ -152,6 +162,14 @@ def test_model_card_has_front_matter_and_the_training_figures(tmp_path, ckpt, ex
     assert front["license"] == "mit"
     assert "| training tokens | 307,200 (150 steps) |" in body
     assert "| validation | 2.0123 bits per byte, loss 5.9123 (step 150) |" in body
+
+
+def test_qk_norm_model_card_names_qwen3(exported_qk_norm):
+    front, body = card(exported_qk_norm[1])
+    assert front["tags"] == ["nanokor", "qwen3"] and "It loads as `Qwen3ForCausalLM`." in body
+    assert "Qwen3 decoder (Llama with per-head q/k RMSNorm): 2 layers" in body
+    config = json.loads((exported_qk_norm[1] / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["use_sliding_window"] is False and "mlp_bias" not in config
 
 
 def card(out):

@@ -1,10 +1,12 @@
 """The GGUF export, read back with the `gguf` package's reader: architecture, tensors, vocabulary.
 
 llama.cpp itself is not built in CI (bench/llamacpp_check.sh runs it), so two small references stand
-in for it here, written from llama.cpp's sources and fed only what the GGUF file holds: its Llama
-forward pass (adjacent-pair RoPE, grouped heads, token_embd as the head when output.weight is absent)
-and its SPM tokenizer (with special tokens parsed, for rendered chat templates). A chat model's Ollama
-TEMPLATE is rendered by a small Go text/template interpreter for the constructs it uses. SentencePiece itself is the reference for pieces, scores and types.
+in for it here, written from llama.cpp's sources and fed only what the GGUF file holds: its Llama and
+Qwen3 forward passes (Llama: adjacent-pair RoPE; Qwen3: attn_q_norm / attn_k_norm, then NEOX's
+rotate-half RoPE; both: grouped heads, token_embd as the head when output.weight is absent) and its SPM
+tokenizer (with special tokens parsed, for rendered chat templates). A chat model's Ollama TEMPLATE is
+rendered by a small Go text/template interpreter for the constructs it uses. SentencePiece itself is the
+reference for pieces, scores and types.
 """
 
 import re
@@ -21,6 +23,7 @@ from nanokor.chat_format import CHAT_TEMPLATE, render
 from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import open_corpus
 from nanokor.export import main
+from nanokor.export_gguf import rope_permute
 from nanokor.export_spec import SAMPLING
 from nanokor.tokenizer import train_tokenizer
 
@@ -49,6 +52,11 @@ def exported_tied_mqa(tmp_path_factory, tokenizer):
                        norm_eps=1e-6)
 
 
+@pytest.fixture(scope="module")
+def exported_qk_norm(tmp_path_factory, tokenizer):
+    return export_gguf(tmp_path_factory, tokenizer, "qk", qk_norm=True, random_gains=True)
+
+
 def fields(path) -> dict:
     reader = gguf.GGUFReader(path)
     return {k: f.contents() for k, f in reader.fields.items()}, reader
@@ -59,29 +67,39 @@ def weights(reader) -> dict:
 
 
 def llamacpp_logits(meta: dict, w: dict, ids: list[int]) -> np.ndarray:
-    """llama.cpp's Llama graph in float64: RoPE rotates dims (2i, 2i+1) of each head, query head h reads
-    key/value head h // (n_head / n_head_kv), and the LM head is token_embd when output.weight is absent."""
-    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    eps, theta = meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    """llama.cpp's Llama or Qwen3 graph (general.architecture) in float64. Llama's RoPE rotates dims
+    (2i, 2i+1) of each head; Qwen3 normalizes each head's q and k (attn_q_norm, attn_k_norm), then its
+    NEOX RoPE rotates dims (i, i + hd/2). Query head h reads key/value head h // (n_head / n_head_kv), and
+    the LM head is token_embd when output.weight is absent."""
+    arch = meta["general.architecture"]
+    n_head, n_kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    eps, theta = meta[f"{arch}.attention.layer_norm_rms_epsilon"], meta[f"{arch}.rope.freq_base"]
     x = w["token_embd.weight"][ids]
     n, d = x.shape
-    hd = meta["llama.rope.dimension_count"]
+    hd = meta[f"{arch}.rope.dimension_count"]
     angle = np.arange(n)[:, None, None] * theta ** (-np.arange(0, hd, 2) / hd)  # (n, 1, hd/2)
     cos, sin = np.cos(angle), np.sin(angle)
 
     def rope(q):
+        if arch == "qwen3":  # NEOX: the pairs are (i, i + hd/2)
+            a, b = q[..., :hd // 2], q[..., hd // 2:]
+            return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
         a, b = q[..., 0::2], q[..., 1::2]
         return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(q.shape)
 
     def rms(v, g):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + eps) * g
 
+    def heads(v, blk, name, count):
+        v = v.reshape(n, count, hd)
+        return rope(rms(v, blk[f"{name}_norm"]) if arch == "qwen3" else v)
+
     causal = np.triu(np.full((n, n), -np.inf), 1)
-    for i in range(meta["llama.block_count"]):
+    for i in range(meta[f"{arch}.block_count"]):
         blk = {k.split(".")[2]: v for k, v in w.items() if k.startswith(f"blk.{i}.")}
         h = rms(x, blk["attn_norm"])
-        q = rope((h @ blk["attn_q"].T).reshape(n, n_head, hd))
-        k = np.repeat(rope((h @ blk["attn_k"].T).reshape(n, n_kv, hd)), n_head // n_kv, axis=1)
+        q = heads(h @ blk["attn_q"].T, blk, "attn_q", n_head)
+        k = np.repeat(heads(h @ blk["attn_k"].T, blk, "attn_k", n_kv), n_head // n_kv, axis=1)
         v = np.repeat((h @ blk["attn_v"].T).reshape(n, n_kv, hd), n_head // n_kv, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + causal
         p = np.exp(scores - scores.max(-1, keepdims=True))
@@ -124,21 +142,24 @@ def layer_names(i: int) -> set[str]:
                                           "ffn_gate", "ffn_up", "ffn_down")}
 
 
-@pytest.mark.parametrize("which", ["exported", "exported_tied_mqa"])
-def test_gguf_is_a_llama_whose_logits_equal_nanokor(which, request, tokenizer):
+@pytest.mark.parametrize("which, arch", [("exported", "llama"), ("exported_tied_mqa", "llama"),
+                                         ("exported_qk_norm", "qwen3")])
+def test_gguf_is_a_llama_or_qwen3_whose_logits_equal_nanokor(which, arch, request, tokenizer):
     ckpt, out = request.getfixturevalue(which)
     model = build_model(load_checkpoint(ckpt))
     c = model.config
     meta, reader = fields(out / "model-f32.gguf")
-    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == gguf.LlamaFileType.ALL_F32
-    assert (meta["llama.block_count"], meta["llama.context_length"], meta["llama.embedding_length"],
-            meta["llama.feed_forward_length"], meta["llama.attention.head_count"],
-            meta["llama.attention.head_count_kv"], meta["llama.vocab_size"]) == (
+    assert meta["general.architecture"] == arch and meta["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert (meta[f"{arch}.block_count"], meta[f"{arch}.context_length"], meta[f"{arch}.embedding_length"],
+            meta[f"{arch}.feed_forward_length"], meta[f"{arch}.attention.head_count"],
+            meta[f"{arch}.attention.head_count_kv"], meta[f"{arch}.vocab_size"]) == (
         c.n_layer, c.max_seq_len, c.d_model, c.d_ff, c.n_head, c.n_kv_head, c.vocab_size)
-    assert meta["llama.rope.freq_base"] == c.rope_theta
-    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.norm_eps, rel=1e-6)
+    assert meta[f"{arch}.rope.freq_base"] == c.rope_theta
+    assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(c.norm_eps, rel=1e-6)
     names = {"token_embd.weight", "output_norm.weight"} | set().union(*map(layer_names, range(c.n_layer)))
     names |= set() if c.tie_embeddings else {"output.weight"}
+    if c.qk_norm:
+        names |= {f"blk.{i}.attn_{t}_norm.weight" for i in range(c.n_layer) for t in "qk"}
     assert {t.name for t in reader.tensors} == names
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
     ids = [tokenizer.bos_id, *tokenizer.encode(KOREAN)]
@@ -147,16 +168,19 @@ def test_gguf_is_a_llama_whose_logits_equal_nanokor(which, request, tokenizer):
     assert np.abs(llamacpp_logits(meta, weights(reader), ids) - ours).max() <= 1e-4
 
 
-def test_rope_permutation_is_what_the_forward_pass_needs(exported, tokenizer):
-    """The same file with q/k rows left in nanokor's order computes different logits: the test above
-    would catch a missing permutation."""
-    ckpt, out = exported
+@pytest.mark.parametrize("which", ["exported", "exported_qk_norm"])
+def test_rope_permutation_is_what_the_forward_pass_needs(which, request, tokenizer):
+    """Llama's file with q/k rows left in nanokor's order, or Qwen3's with them permuted as for Llama,
+    computes different logits: the test above would catch the permutation missing or misapplied."""
+    ckpt, out = request.getfixturevalue(which)
     meta, reader = fields(out / "model-f32.gguf")
     w = weights(reader)
     model = build_model(load_checkpoint(ckpt))
+    c = model.config
+    permute = rope_permute if c.qk_norm else lambda x, n_head: x
     for i, layer in enumerate(model.layers):
-        w[f"blk.{i}.attn_q.weight"] = layer.self_attn.q_proj.weight.detach().double().numpy()
-        w[f"blk.{i}.attn_k.weight"] = layer.self_attn.k_proj.weight.detach().double().numpy()
+        w[f"blk.{i}.attn_q.weight"] = permute(layer.self_attn.q_proj.weight.detach(), c.n_head).double().numpy()
+        w[f"blk.{i}.attn_k.weight"] = permute(layer.self_attn.k_proj.weight.detach(), c.n_kv_head).double().numpy()
     ids = [tokenizer.bos_id, *tokenizer.encode(KOREAN)]
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0].double().numpy()
