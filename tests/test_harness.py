@@ -18,6 +18,8 @@ from nanokor.checkpoint import build_model, load_checkpoint
 from nanokor.corpus import SAMPLE_DIR
 from nanokor.evaluate import main
 
+from tiny_checkpoint import make_checkpoint
+
 QUESTIONS = [  # (question, choices, answer)
     ("대한민국의 수도는 어디인가?", ["서울", "부산", "대구", "광주"], 0),
     ("훈민정음을 창제한 왕은 누구인가?", ["태조", "세종대왕", "정조", "광개토대왕"], 1),
@@ -72,7 +74,15 @@ def predictions(model, tokenizer, prefix: list[int]) -> tuple[list[int], list[in
     return acc, norm
 
 
-def test_a_local_korean_multiple_choice_task_scores_like_nanokors_model(ckpt, tokenizer, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def qk_norm_ckpt(tmp_path_factory, tokenizer) -> Path:
+    """A qk_norm checkpoint, which lm-eval reads through the Qwen3 export."""
+    return make_checkpoint(tmp_path_factory.mktemp("qk") / "last.pt", tokenizer, qk_norm=True, random_gains=True)
+
+
+@pytest.mark.parametrize("which", ["ckpt", "qk_norm_ckpt"])
+def test_a_local_korean_multiple_choice_task_scores_like_nanokors_model(which, request, tokenizer, tmp_path, capsys):
+    ckpt = request.getfixturevalue(which)
     write_task(tmp_path, "ko_mc", [{"question": q, "choices": c, "label": a} for q, c, a in QUESTIONS],
                'output_type: multiple_choice\ndoc_to_text: "질문: {{question}}\\n답:"\ndoc_to_choice: "{{choices}}"\n'
                "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
