@@ -232,7 +232,7 @@ def main():
     args.n_ctx = model.config.max_seq_len
     text = args.text.read_text("utf-8").removesuffix("\n")  # as llama-perplexity's -f reads it
     ours = nanokor_greedy(args)
-    results = {"ckpt": str(args.ckpt), "model": model.config.to_dict(), "nanokor_greedy": ours, "gguf": {},
+    results = {"ckpt": str(args.ckpt), "model": model.config.architecture(), "nanokor_greedy": ours, "gguf": {},
                "llama_cpp_runs": RETRIES}
     for spec in args.gguf:
         label, path = spec.rsplit("=", 1)

@@ -2,9 +2,9 @@
 # llama.cpp against nanokor on a trained checkpoint: tokenization, greedy text and perplexity; and on a
 # chat model, the chat template llama-server renders and its greedy replies.
 #
-#   bash bench/llamacpp_check.sh                    # 18 min the first time on 2 busy cores (13 of them building
-#                                                   # llama.cpp), about 6 after
-#   CKPT=out/last.pt bash bench/llamacpp_check.sh   # check that checkpoint instead of training one (3 min)
+#   bash bench/llamacpp_check.sh                    # 20 min the first time on 2 busy cores (13 of them building
+#                                                   # llama.cpp), about 8 after
+#   CKPT=out/last.pt bash bench/llamacpp_check.sh   # check that checkpoint instead of training two (3 min)
 #   CHAT_CKPT=out-sft/last.pt bash bench/llamacpp_check.sh   # the chat checks on that chat model
 #
 # Builds llama.cpp CPU-only from the sources vendored in the llama-cpp-python sdist on PyPI
@@ -13,14 +13,17 @@
 # quickstart model on the embedded sample (config/tiny.py with its shape spelled out, plus 2 key/value
 # heads so grouped-query attention is exercised), then checks four GGUF files: `--gguf` at f32 and
 # q8_0, f32 from llama.cpp's own convert_hf_to_gguf.py run on the Hugging Face export, and the same
-# with add_prefix_space deleted from tokenizer_config.json (the export before the fix). The checks
+# with add_prefix_space deleted from tokenizer_config.json (the export before the fix). Then the same
+# model with qk_norm, which exports as a Qwen3 (llama.cpp's `qwen3` architecture): `--gguf` at f32 and
+# q8_0 and convert_hf_to_gguf.py's f32 of the Qwen3 directory. The checks
 # are bench/llamacpp_check.py's: every non-empty line of the sample tokenized by both, greedy
 # continuations of five prompts, and llama-perplexity -c <block_size> against nanokor's loss on the
-# same windows. The chat checks run on CHAT_CKPT, or without one on a stand-in: the base model marked
-# as a chat model, its <|im_end|> row set to its </s> row scaled by 1.5 so that its replies end with
-# <|im_end|> about where its text would end (SFT teaches that; the stand-in only exercises the stop).
-# Two chat GGUFs: `--gguf` f32 and convert_hf_to_gguf.py on the Hugging Face export (which carries the
-# template in tokenizer_config.json). Prints tables; writes bench/results/llamacpp_check.json. Not part of CI.
+# same windows. The chat checks run on CHAT_CKPT, or without one on a stand-in: the (Llama) base model
+# marked as a chat model, its <|im_end|> row set to its </s> row scaled by 1.5 so that its replies end
+# with <|im_end|> about where its text would end (SFT teaches that; the stand-in only exercises the
+# stop). Two chat GGUFs: `--gguf` f32 and convert_hf_to_gguf.py on the Hugging Face export (which
+# carries the template in tokenizer_config.json). Prints tables per model; writes
+# bench/results/llamacpp_check.json (and llamacpp_check_qwen3.json). Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nanokor, not an installed one
@@ -51,34 +54,28 @@ if [[ ! -x "$BIN/llama-perplexity" || ! -x "$BIN/llama-completion" || ! -x "$BIN
         || { tail -20 "$WORK/build.log"; exit 1; }
 fi
 
-CKPT="${CKPT:-}"
-if [[ -z "$CKPT" ]]; then
-    echo "== training the quickstart model on the embedded sample (about a minute)"
-    python prepare.py --dataset sample --out "$WORK/sample" > "$WORK/prepare.log"
-    python train.py config/tiny.py --data_dir="$WORK/sample" --out_dir="$WORK/out" --n_layer=4 --n_head=4 \
-        --n_kv_head=2 --d_model=128 --d_ff=384 --block_size=128 --max_steps=150 --wandb_mode=disabled \
-        > "$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
-    grep "val loss" "$WORK/train.log" | tail -1
-    CKPT="$WORK/out/last.pt"
-fi
+train() {  # the quickstart model (plus GQA) on the embedded sample, with extra flags; prints its checkpoint
+    [[ -d "$WORK/sample" ]] || python prepare.py --dataset sample --out "$WORK/sample" > "$WORK/prepare.log"
+    python train.py config/tiny.py --data_dir="$WORK/sample" --out_dir="$WORK/$1" --n_layer=4 --n_head=4 \
+        --n_kv_head=2 --d_model=128 --d_ff=384 --block_size=128 --max_steps=150 --wandb_mode=disabled "${@:2}" \
+        > "$WORK/train-$1.log" 2>&1 || { tail -20 "$WORK/train-$1.log" >&2; exit 1; }
+    grep "val loss" "$WORK/train-$1.log" | tail -1 >&2
+    echo "$WORK/$1/last.pt"
+}
 
-echo "== exporting: --gguf f32 and q8_0, and the HF directory through convert_hf_to_gguf.py"
-python -m nanokor.export --ckpt "$CKPT" --gguf --out "$WORK/gguf" > /dev/null
-python -m nanokor.export --ckpt "$CKPT" --gguf --out "$WORK/gguf" --dtype q8_0 > /dev/null
-python -m nanokor.export --ckpt "$CKPT" --out "$WORK/hf" > /dev/null
-# The same directory without add_prefix_space, as the export wrote it before: the check must catch that.
-cp -r "$WORK/hf" "$WORK/hf-old"
-python -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); del c["add_prefix_space"]; json.dump(c, open(p, "w"))' \
-    "$WORK/hf-old/tokenizer_config.json"
-for dir in hf hf-old; do
-    python "$SRC/convert_hf_to_gguf.py" "$WORK/$dir" --outfile "$WORK/converted-$dir.gguf" --outtype f32 \
+export_all() {  # --gguf f32 and q8_0, and the HF directory through convert_hf_to_gguf.py, into $WORK/$2
+    python -m nanokor.export --ckpt "$1" --gguf --out "$WORK/$2/gguf" > /dev/null
+    python -m nanokor.export --ckpt "$1" --gguf --out "$WORK/$2/gguf" --dtype q8_0 > /dev/null
+    python -m nanokor.export --ckpt "$1" --out "$WORK/$2/hf" > /dev/null
+    python "$SRC/convert_hf_to_gguf.py" "$WORK/$2/hf" --outfile "$WORK/$2/converted-hf.gguf" --outtype f32 \
         > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
-done
+}
 
-CHAT_CKPT="${CHAT_CKPT:-}"
-if [[ -z "$CHAT_CKPT" ]]; then
-    CHAT_CKPT="$WORK/chat.pt"
-    python - "$CKPT" "$CHAT_CKPT" <<'PY'
+chat_model() {  # CHAT_CKPT, or a stand-in made from the base checkpoint $1; exported; sets CHAT's flags
+    local chat="${CHAT_CKPT:-}"
+    if [[ -z "$chat" ]]; then
+        chat="$WORK/chat.pt"
+        python - "$1" "$chat" <<'PY'
 import sys
 import torch
 from nanokor.checkpoint import load_checkpoint, save_checkpoint
@@ -88,18 +85,49 @@ head = ckpt["model"]["lm_head.weight"]
 head[IM_END_ID] = 1.5 * head[EOS_ID]
 save_checkpoint({**ckpt, "chat": True}, sys.argv[2])
 PY
-fi
-echo "== exporting the chat model: --gguf f32, and the HF directory through convert_hf_to_gguf.py"
-python -m nanokor.export --ckpt "$CHAT_CKPT" --gguf --out "$WORK/chat-gguf" > /dev/null
-python -m nanokor.export --ckpt "$CHAT_CKPT" --out "$WORK/chat-hf" > /dev/null
-python "$SRC/convert_hf_to_gguf.py" "$WORK/chat-hf" --outfile "$WORK/converted-chat.gguf" --outtype f32 \
-    > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
+    fi
+    echo "== exporting the chat model: --gguf f32, and the HF directory through convert_hf_to_gguf.py"
+    python -m nanokor.export --ckpt "$chat" --gguf --out "$WORK/chat-gguf" > /dev/null
+    python -m nanokor.export --ckpt "$chat" --out "$WORK/chat-hf" > /dev/null
+    python "$SRC/convert_hf_to_gguf.py" "$WORK/chat-hf" --outfile "$WORK/converted-chat.gguf" --outtype f32 \
+        > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
+    CHAT=(--chat-ckpt "$chat" --chat-gguf "nanokor --gguf, f32=$WORK/chat-gguf/model-f32.gguf"
+          --chat-gguf "convert_hf_to_gguf.py, f32=$WORK/converted-chat.gguf")
+}
 
 cat nanokor/data/sample/*.txt > "$WORK/sample.txt"
-python bench/llamacpp_check.py --bin "$BIN" --ckpt "$CKPT" --text "$WORK/sample.txt" \
-    --gguf "nanokor --gguf, f32=$WORK/gguf/model-f32.gguf" \
-    --gguf "nanokor --gguf, q8_0=$WORK/gguf/model-q8_0.gguf" \
-    --gguf "convert_hf_to_gguf.py, f32=$WORK/converted-hf.gguf" \
-    --gguf "convert_hf_to_gguf.py, f32, no add_prefix_space=$WORK/converted-hf-old.gguf" \
-    --chat-ckpt "$CHAT_CKPT" --chat-gguf "nanokor --gguf, f32=$WORK/chat-gguf/model-f32.gguf" \
-    --chat-gguf "convert_hf_to_gguf.py, f32=$WORK/converted-chat.gguf"
+CKPT="${CKPT:-}"
+if [[ -n "$CKPT" ]]; then
+    export_all "$CKPT" given
+    chat_model "$CKPT"
+    python bench/llamacpp_check.py --bin "$BIN" --ckpt "$CKPT" --text "$WORK/sample.txt" \
+        --gguf "nanokor --gguf, f32=$WORK/given/gguf/model-f32.gguf" \
+        --gguf "nanokor --gguf, q8_0=$WORK/given/gguf/model-q8_0.gguf" \
+        --gguf "convert_hf_to_gguf.py, f32=$WORK/given/converted-hf.gguf" "${CHAT[@]}"
+    exit 0
+fi
+
+echo "== Llama: training the quickstart model on the embedded sample (about a minute), exporting"
+LLAMA="$(train llama)"
+export_all "$LLAMA" llama
+# The same directory without add_prefix_space, as the export wrote it before: the check must catch that.
+cp -r "$WORK/llama/hf" "$WORK/llama/hf-old"
+python -c 'import json, sys; p = sys.argv[1]; c = json.load(open(p)); del c["add_prefix_space"]; json.dump(c, open(p, "w"))' \
+    "$WORK/llama/hf-old/tokenizer_config.json"
+python "$SRC/convert_hf_to_gguf.py" "$WORK/llama/hf-old" --outfile "$WORK/llama/converted-hf-old.gguf" --outtype f32 \
+    > "$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }
+chat_model "$LLAMA"
+python bench/llamacpp_check.py --bin "$BIN" --ckpt "$LLAMA" --text "$WORK/sample.txt" \
+    --gguf "nanokor --gguf, f32=$WORK/llama/gguf/model-f32.gguf" \
+    --gguf "nanokor --gguf, q8_0=$WORK/llama/gguf/model-q8_0.gguf" \
+    --gguf "convert_hf_to_gguf.py, f32=$WORK/llama/converted-hf.gguf" \
+    --gguf "convert_hf_to_gguf.py, f32, no add_prefix_space=$WORK/llama/converted-hf-old.gguf" "${CHAT[@]}"
+
+echo "== Qwen3: the same model with qk_norm (llama.cpp's qwen3 architecture)"
+QWEN3="$(train qwen3 --qk_norm=true)"
+export_all "$QWEN3" qwen3
+python bench/llamacpp_check.py --bin "$BIN" --ckpt "$QWEN3" --text "$WORK/sample.txt" \
+    --out bench/results/llamacpp_check_qwen3.json \
+    --gguf "qwen3: nanokor --gguf, f32=$WORK/qwen3/gguf/model-f32.gguf" \
+    --gguf "qwen3: nanokor --gguf, q8_0=$WORK/qwen3/gguf/model-q8_0.gguf" \
+    --gguf "qwen3: convert_hf_to_gguf.py, f32=$WORK/qwen3/converted-hf.gguf"
