@@ -4,7 +4,8 @@ wall-clock time.
     python bench/recipe_quality.py                        # every recipe below, seeds 1337 and 1338
     python bench/recipe_quality.py --recipes adamw-cosine,muon --seeds 1337
     python bench/recipe_quality.py --define "muon-lr03=--optimizer=muon --muon_lr=0.03" --recipes adamw-cosine,muon-lr03
-    python bench/recipe_quality.py --baseline muon --recipes v2 --seeds 1337 --tokens 1e6 --no-equal-time
+    python bench/recipe_quality.py --baseline muon --define "qk=muon --qk_norm=true" --recipes qk --tokens 1e6 \
+        --seeds 1337 --no-equal-time                      # one change against the defaults, in a sweep
 
 Every run is `python train.py` itself, on the shared Korean corpus prepared once with an 8,192-piece BPE
 and an explicit held-out file (`prepare.py --val-files`, so no recipe ever trains on it). The model is
@@ -73,7 +74,8 @@ def parse_args():
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated; the baseline is always run")
     p.add_argument("--baseline", default=BASELINE, help=f"the recipe the others are compared with (default {BASELINE})")
     p.add_argument("--define", action="append", default=[], metavar="NAME=FLAGS",
-                   help="an extra recipe: train.py flags on top of the shape (repeatable)")
+                   help="an extra recipe: train.py flags on top of the shape, optionally after a recipe's name, "
+                        "whose flags they then follow (and override): 'muon-qk=muon --qk_norm=true' (repeatable)")
     p.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
     p.add_argument("--cores", default="0,1", help="one run per core, at the same time")
     p.add_argument("--work", default="bench/results/recipe_runs")
@@ -148,7 +150,8 @@ def main():
     recipes = dict(RECIPES)
     for d in args.define:
         name, _, flags = d.partition("=")
-        recipes[name.strip()] = flags
+        first, _, rest = flags.strip().partition(" ")
+        recipes[name.strip()] = f"{recipes[first]} {rest}".strip() if first in recipes else flags
     base = args.baseline
     names = [base] + [r for r in args.recipes.split(",") if r and r != base]
     unknown = [r for r in names if r not in recipes]
