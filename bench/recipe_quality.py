@@ -15,9 +15,9 @@ own core with one thread, the baseline beside a candidate, so machine noise hits
 training, each run is scored once on the whole held-out split.
 
 Equal tokens: every recipe trains for --tokens. Equal wall-clock: a recipe whose step is slower or
-faster than the baseline's (--baseline, nanoGPT's recipe unless named) (median step times, measured in the equal-token runs) is trained again for
-the number of steps that costs the baseline's training time; its schedule is laid out over those
-steps, as a user with that budget would do. Evaluation time is not training time.
+faster than the baseline's (--baseline, nanoGPT's recipe unless named; median step times, measured in
+the equal-token runs) is trained again for the number of steps that costs the baseline's training
+time; its schedule is laid out over those steps, as a user with that budget would do. Evaluation time is not training time.
 
 Runs are kept in --work (one directory each, with the flags it ran with); a run whose result is already
 there is not repeated, so an interrupted benchmark continues, and --define'd sweeps reuse the baseline.

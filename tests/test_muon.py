@@ -1,6 +1,7 @@
 """nanokor's Muon against torch.optim.Muon: one process bit for bit; 2 and 3 gloo ranks, whole tensors
 (DDP after its all-reduce) and FSDP2-style row shards, with matrix counts and row counts that do not
-divide evenly, bit for bit too; each matrix orthogonalized by exactly one rank; the owners balanced."""
+divide evenly, bit for bit too; each matrix orthogonalized by exactly one rank; the owners balanced;
+the per-step hyperparameters that Optimizers.set_step sets reach the partitioned steps."""
 
 import itertools
 
@@ -9,7 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanokor.config import load_config, model_config
+from nanokor.model import Transformer
 from nanokor.muon import Muon, newton_schulz, newton_schulz_cost, partition
+from nanokor.optim import build_optimizer
 
 # Seven matrices: wide, tall, square, and row counts (5, 2) that 2 and 3 ranks cannot shard evenly.
 SHAPES = [(48, 32), (32, 48), (32, 32), (64, 16), (16, 16), (5, 24), (2, 8)]
@@ -153,3 +157,69 @@ def _check_partitioned_step(rank: int, world: int, sharded: bool):
 def test_partitioned_muon_equals_torch_muon_bit_for_bit(world, tmp_path):
     """Whole tensors (DDP after its all-reduce), then FSDP2's row shards, in the same processes."""
     mp.start_processes(_worker, args=(world, str(tmp_path / "store")), nprocs=world, start_method="fork")
+
+
+# Muon's per-step values from set_step: noam with warmup 1 (the rate falls as step^-0.5), Muon's own
+# cooldown over the last 2 of 4 steps (AdamW's is off), momentum 0.5 -> 0.9 over 2 steps, decay linear to 0.
+SET_STEP_FLAGS = ["--optimizer=muon", "--n_layer=1", "--n_head=2", "--d_model=16", "--d_ff=24", "--block_size=8",
+                  "--schedule=noam", "--warmup_steps=1", "--max_steps=4", "--cooldown_frac=0",
+                  "--muon_cooldown_frac=0.5", "--muon_lr=0.03", "--muon_momentum_warmup=2",
+                  "--muon_momentum_start=0.5", "--muon_momentum=0.9", "--weight_decay=0.1",
+                  "--weight_decay_schedule=linear"]
+
+
+def expected_muon_values(step: int) -> dict:
+    """The formulas, written out: lr, momentum and weight decay of Muon's groups at `step` of 4."""
+    return {"lr": 0.03 * step ** -0.5 * {1: 1, 2: 1, 3: 2 / 3, 4: 1 / 3}[step],
+            "momentum": 0.5 + 0.4 * min(step / 2, 1), "weight_decay": 0.1 * (1 - step / 4)}
+
+
+def _set_step_worker(rank: int, world: int, store: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for sharded in (False, True):
+            _check_set_step_reaches_the_partitioned_step(sharded)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_set_step_reaches_the_partitioned_step(sharded: bool):
+    cfg = load_config(SET_STEP_FLAGS)
+    torch.manual_seed(0)
+    model = Transformer(model_config(cfg, vocab_size=32))
+    if sharded:  # as FSDPEngine builds it: every block, then the root
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for unit in (*model.layers, model):
+            fully_shard(unit, mesh=mesh)
+        shard, full = (lambda t: distribute_tensor(t, mesh, [Shard(0)])), (lambda t: t.full_tensor())
+    else:
+        shard, full = torch.clone, (lambda t: t)
+    optimizers = build_optimizer(model, cfg)
+    muon = optimizers.optimizers["muon"]
+    assert isinstance(muon, Muon)  # the partitioned optimizer, whichever engine holds the weights
+    params = [p for group in muon.param_groups for p in group["params"]]
+    reference = [torch.nn.Parameter(full(p.detach()).clone()) for p in params]
+    torch_muon = torch.optim.Muon(reference, nesterov=True, adjust_lr_fn="original")
+    g = torch.Generator().manual_seed(7)
+    for step in range(1, 5):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, q, grad in zip(params, reference, grads):
+            p.grad, q.grad = shard(grad), grad.clone()
+        optimizers.set_step(step)
+        muon.step()
+        for group in torch_muon.param_groups:
+            group.update(expected_muon_values(step))
+        torch_muon.step()
+    assert all(torch.equal(full(p.detach()), q.detach()) for p, q in zip(params, reference))
+
+
+def test_set_step_reaches_the_partitioned_muon(tmp_path):
+    """Momentum warmup, Muon's own cooldown and a decay schedule, set by Optimizers.set_step, are what the
+    partitioned steps use on 2 ranks (whole tensors, then FSDP2 shards): equal to torch.optim.Muon given
+    the same values from the formulas."""
+    mp.start_processes(_set_step_worker, args=(2, str(tmp_path / "store")), nprocs=2, start_method="fork")
