@@ -239,8 +239,8 @@ def main():
         results["gguf"][label] = {"tokenization": check_tokenization(args, path, tokenizer),
                                   "greedy": check_greedy(args, path, ours),
                                   "perplexity": check_perplexity(args, path, model, tokenizer, text)}
-    print(f"\n| GGUF | sample lines tokenized identically | text file | greedy text identical | "
-          f"PPL llama.cpp | PPL nanokor | difference |\n|---|---:|---|---:|---:|---:|---:|")
+    print("\n| GGUF | sample lines tokenized identically | text file | greedy text identical | "
+          "PPL llama.cpp | PPL nanokor | difference |\n|---|---:|---|---:|---:|---:|---:|")
     for label, r in results["gguf"].items():
         t, g, p = r["tokenization"], r["greedy"], r["perplexity"]
         same_file = "identical" if t["text_file_identical"] else "differs"
