@@ -200,7 +200,8 @@ class FSDPEngine(TorchEngine):
             shutil.rmtree(path, ignore_errors=True)
             os.replace(partial, path)
             save_training(run.last, state, self.module.config, weights, None, extras)
-            for old in run.fsdp.glob("step_*"):
+            # Older steps, and what a save killed midway left (its hidden .partial directory).
+            for old in [*run.fsdp.glob("step_*"), *run.fsdp.glob(".step_*.partial")]:
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
         barrier()
