@@ -1,7 +1,7 @@
 """Muon's share of a rank's step from 1 to 64 ranks, replicated (torch.optim.Muon: every rank
 orthogonalizes every matrix) against partitioned (nanokor/muon.py: each rank its own share).
 
-    flock /work/bench.lock python bench/muon_scaling.py          # ~15-25 minutes on a shared 2-core CPU
+    python bench/muon_scaling.py          # ~15-25 minutes on a shared 2-core CPU (alone: never beside another benchmark)
     python bench/muon_scaling.py --worlds 2 --rounds 3 --layers 2
     python bench/muon_scaling.py --device cuda --worlds ""       # a GPU's parts (~30 s), no multi-process run
     python bench/muon_scaling.py --device cuda --worlds "" --against-torch 4   # bench/gpu_check.sh's stage

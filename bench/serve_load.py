@@ -18,7 +18,7 @@ threads per process make a tiny model several times slower, and the figures nois
 
     python bench/serve_load.py                          # the quickstart's shape (2.2M), levels 1,10,50
     python bench/serve_load.py --ckpt out-sft/last.pt --concurrency 1,8 --max-tokens 64
-    flock /work/bench.lock python bench/serve_load.py   # timing: never beside another benchmark
+    python bench/serve_load.py   # timing: run it alone, never beside another benchmark
 """
 
 import argparse
