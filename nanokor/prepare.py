@@ -76,15 +76,22 @@ def build(corpus, out: Path, *, command: str, val_corpus=None, tokenizer_path=No
         tokenizer_info = {"model_type": model_type, "trained_on_documents": len(sample),
                           "trained_on_bytes": sample_bytes, "seconds": round(time.time() - t0, 2)}
         del sample
+    meta = _build_into(out, lambda staging: _write_data(staging, corpus, val_corpus, tokenizer, tokenizer_info,
+                                                         val_fraction, shard_tokens, num_proc, command))
+    report(out, meta)
+    return meta
+
+
+def _build_into(out: Path, write) -> dict:
+    """`write(staging)` into <out>.partial, then renamed to `out`; returns its meta. A refusal (a damaged
+    file, no text) leaves nothing; a kill leaves <out>.partial, which the next run removes."""
     staging = DataDir(staging_dir(out))
     try:
-        meta = _write_data(staging, corpus, val_corpus, tokenizer, tokenizer_info, val_fraction, shard_tokens,
-                           num_proc, command)
-    except Exception:  # a refusal (a damaged file, no text) leaves nothing; a kill leaves <out>.partial
+        meta = write(staging)
+    except Exception:
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
     replace_dir(staging.path, out)
-    report(out, meta)
     return meta
 
 
@@ -159,14 +166,9 @@ def build_chat(corpus, out: Path, *, command: str, tokenizer_path: str, val_corp
           ", ".join(f"{field} <- {column!r}" if field != column else repr(column)
                     for field, column in column_of.items()) + f"); context {context} tokens")
 
-    staging = DataDir(staging_dir(out))
-    try:
-        meta = _write_chat_data(staging, corpus, val_corpus, tokenizer, layout, column_of, context, val_fraction,
-                                shard_tokens, num_proc, command, tokenizer_path)
-    except Exception:  # a refusal leaves nothing; a kill leaves <out>.partial
-        shutil.rmtree(staging.path, ignore_errors=True)
-        raise
-    replace_dir(staging.path, out)
+    meta = _build_into(out, lambda staging: _write_chat_data(staging, corpus, val_corpus, tokenizer, layout, column_of,
+                                                              context, val_fraction, shard_tokens, num_proc, command,
+                                                              tokenizer_path))
     report_chat(out, meta)
     return meta
 
