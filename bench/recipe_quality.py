@@ -68,6 +68,10 @@ def parse_args():
                    help="train-*.parquet and validation-*.parquet, relative to the repository root unless absolute")
     p.add_argument("--data-dir", default="data/bench-recipe", help="prepared data (made if missing)")
     p.add_argument("--tokens", type=float, default=2e6, help="training tokens per run at equal tokens")
+    p.add_argument("--shape", default="", metavar="KEY=VALUE,...",
+                   help="the model and batch for every recipe, changed from the default above: "
+                        "'n_layer=4,d_model=128,d_ff=344,block_size=128' (a quicker screening shape; give it "
+                        "its own --work and --out)")
     p.add_argument("--seeds", default="1337,1338")
     p.add_argument("--one-seed", default="noam-0.1,guide",
                    help="recipes run with the first seed only (comma-separated; '' for none)")
@@ -81,6 +85,17 @@ def parse_args():
     p.add_argument("--work", default="bench/results/recipe_runs")
     p.add_argument("--out", default="bench/results/recipe_quality.json")
     return p.parse_args()
+
+
+def shape_flags(changes: str) -> list[str]:
+    """SHAPE with `changes` ("key=value,...") applied in place."""
+    flags = dict(f[2:].split("=", 1) for f in SHAPE)
+    for change in filter(None, changes.split(",")):
+        key, _, value = change.partition("=")
+        if key not in flags:
+            sys.exit(f"--shape changes {', '.join(f[2:].split('=')[0] for f in SHAPE)}; got {key!r}")
+        flags[key] = value
+    return [f"--{k}={v}" for k, v in flags.items()]
 
 
 def prepare(corpus: Path, data_dir: Path) -> None:
@@ -139,7 +154,7 @@ def run_all(jobs: list[dict], cores: list[str]) -> list[dict]:
 
 
 def make_job(args, recipes, recipe: str, seed: int, steps: int) -> dict:
-    flags = [*SHAPE, f"--data_dir={args.data_dir}", f"--seed={seed}", f"--max_steps={steps}",
+    flags = [*args.shape_flags, f"--data_dir={args.data_dir}", f"--seed={seed}", f"--max_steps={steps}",
              f"--eval_interval={steps}", *shlex.split(recipes[recipe])]
     return {"recipe": recipe, "seed": seed, "steps": steps, "flags": flags,
             "dir": run_dir(Path(args.work), recipe, seed, steps)}
@@ -161,9 +176,12 @@ def main():
     cores = args.cores.split(",")
     corpus = Path(args.corpus) if Path(args.corpus).is_absolute() else REPO / args.corpus
     prepare(corpus, REPO / args.data_dir)
-    steps = round(args.tokens / (16 * 256))
+    args.shape_flags = shape_flags(args.shape)
+    shape = dict(f[2:].split("=", 1) for f in args.shape_flags)
+    step_tokens = int(shape["batch_size"]) * int(shape["block_size"]) * int(shape["grad_accum"])
+    steps = round(args.tokens / step_tokens)
 
-    print(f"equal tokens: {steps} steps x 4,096 tokens, recipes {', '.join(names)}, seeds {seeds}", flush=True)
+    print(f"equal tokens: {steps} steps x {step_tokens:,} tokens, recipes {', '.join(names)}, seeds {seeds}", flush=True)
     one_seed = set(args.one_seed.split(",")) - {base}
     seeds_of = {r: seeds[:1] if r in one_seed else seeds for r in names}
     jobs = [make_job(args, recipes, r, s, steps) for s in seeds for r in names if s in seeds_of[r]]
@@ -181,12 +199,12 @@ def main():
         equal_time += [x for x in equal_tokens if x["recipe"] not in timed]
 
     rows = summarize(names, seeds_of, equal_tokens, equal_time, step_s, base)
-    print_table(rows, steps)
+    print_table(rows, steps, step_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": SHAPE, "tokens": steps * 4096, "seeds": seeds, "baseline": base, "recipes":
-                               {r: recipes[r] for r in names}, "rows": rows, "runs": equal_tokens + equal_time},
-                              indent=2) + "\n")
+    report = {"shape": args.shape_flags, "tokens": steps * step_tokens, "seeds": seeds, "baseline": base,
+              "recipes": {r: recipes[r] for r in names}, "rows": rows, "runs": equal_tokens + equal_time}
+    atomic_write(out, (json.dumps(report, indent=2) + "\n").encode())
     print(f"wrote {out}")
 
 
@@ -209,7 +227,7 @@ def summarize(names, seeds_of, equal_tokens, equal_time, step_s, base) -> list[d
     return rows
 
 
-def print_table(rows, steps):
+def print_table(rows, steps, step_tokens):
     def seeds(values, fmt):
         return " / ".join(format(v, fmt) for v in values)
 
@@ -224,7 +242,7 @@ def print_table(rows, steps):
             line += (f" {r['time_steps']:>5} {seeds(r['time_bpb'], '.4f'):>18} "
                      f"{seeds(r['time_bpb_vs_baseline'], '.3f'):>15}")
         print(line)
-    print(f"(equal tokens: {steps} steps of 4,096 tokens; bits per byte on the whole held-out file; "
+    print(f"(equal tokens: {steps} steps of {step_tokens:,} tokens; bits per byte on the whole held-out file; "
           "values are per seed)")
 
 

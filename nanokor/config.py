@@ -75,6 +75,7 @@ class TrainConfig:
     muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises linearly from muon_momentum_start
     muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
+    muon_ns_dtype: str = "auto"  # Newton-Schulz in bf16 | fp32 | auto (bf16 on GPUs and CPUs with bf16 units, else fp32)
     weight_decay: float = 0.1  # decoupled, on the matrices and an untied head (AdamW and Muon alike)
     weight_decay_schedule: str = "constant"  # constant | linear, cosine (to 0 at max_steps) | lr (follows the lr)
     beta1: float = 0.9
@@ -106,6 +107,7 @@ CHOICES = {
     "optimizer": ("adamw", "muon"),
     "schedule": ("noam", "cosine", "wsd"),
     "weight_decay_schedule": ("constant", "linear", "cosine", "lr"),
+    "muon_ns_dtype": ("auto", "bf16", "fp32"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum", "max_steps",

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-EXCHANGE_DTYPE = torch.bfloat16  # what newton_schulz computes in: the exchange loses nothing
+EXCHANGE_DTYPE = torch.bfloat16  # newton_schulz's result (torch's dtype): bf16 NS loses nothing in the exchange
 # all_gather_single is all_gather_into_tensor's name from PyTorch 2.13 on (the old one warns there).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -43,7 +43,7 @@ def newton_schulz(update: torch.Tensor, group: dict, dtype: torch.dtype = torch.
     """Keller Jordan's quintic Newton-Schulz iteration, op for op as torch.optim.Muon runs it: in bf16,
     on the wide orientation, after scaling to unit Frobenius norm; X <- aX + (bA + cA^2)X with A = XX^T.
     Its result has the input's shape, singular values in ~[0.7, 1.2] and the input's singular vectors.
-    (`dtype` is for bench/muon_scaling.py, which times it in fp32 on CPUs without bf16 matmul units.)"""
+    (`dtype` fp32 is for CPUs without bf16 matmul units, which emulate bf16 slowly: optim.ns_dtype.)"""
     a, b, c = group["ns_coefficients"]
     x = update.to(dtype)
     tall = update.size(0) > update.size(1)

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from nanokor.errors import CheckpointError
-from nanokor.muon import Muon
+from nanokor.muon import Muon, newton_schulz
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -179,7 +179,20 @@ def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     """torch.optim.Muon's step (Nesterov momentum, five Newton-Schulz steps, and the shape scaling
     sqrt(max(1, rows/cols)) of Keller Jordan's original), its Newton-Schulz work partitioned across the
     ranks of DDP or FSDP2 (nanokor/muon.py)."""
-    return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original")
+    dtype = ns_dtype(cfg.muon_ns_dtype, groups[0]["params"][0].device)
+    return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
+                orthogonalize=partial(newton_schulz, dtype=dtype))
+
+
+def ns_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """What Newton-Schulz computes in. torch.optim.Muon uses bf16, which GPUs and CPUs with bf16 units
+    (AVX-512 BF16, AMX) run fast; a CPU without them emulates bf16 matmul (on a 2-core AVX2 EPYC, 0.7
+    GFLOP/s against 34 in fp32), which made Muon 2/3 of a CPU step at bench/recipe_quality.py's shape.
+    fp32 there costs nothing in quality: the update is rounded to bf16 either way."""
+    if choice == "auto":
+        native = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        choice = "bf16" if native else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
 # ---- schedules ------------------------------------------------------------------------------------

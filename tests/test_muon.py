@@ -165,7 +165,7 @@ SET_STEP_FLAGS = ["--optimizer=muon", "--n_layer=1", "--n_head=2", "--d_model=16
                   "--schedule=noam", "--warmup_steps=1", "--max_steps=4", "--cooldown_frac=0",
                   "--muon_cooldown_frac=0.5", "--muon_lr=0.03", "--muon_momentum_warmup=2",
                   "--muon_momentum_start=0.5", "--muon_momentum=0.9", "--weight_decay=0.1",
-                  "--weight_decay_schedule=linear"]
+                  "--weight_decay_schedule=linear", "--muon_ns_dtype=bf16"]  # torch.optim.Muon's dtype
 
 
 def expected_muon_values(step: int) -> dict:
