@@ -15,9 +15,11 @@ own core with one thread, the baseline beside a candidate, so machine noise hits
 training, each run is scored once on the whole held-out split.
 
 Equal tokens: every recipe trains for --tokens. Equal wall-clock: a recipe whose step is slower or
-faster than the baseline's (--baseline, nanoGPT's recipe unless named; median step times, measured in
-the equal-token runs) is trained again for the number of steps that costs the baseline's training
-time; its schedule is laid out over those steps, as a user with that budget would do. Evaluation time is not training time.
+faster than the baseline's (--baseline, nanoGPT's recipe unless named) by more than 1% is trained again
+for the number of steps that costs the baseline's training time; its schedule is laid out over those
+steps, as a user with that budget would do. The step-time ratio comes from --timing-steps-long runs of
+the recipe beside the baseline, once on each core (recipes with the same work differ by up to 5% between
+the rounds of the equal-token runs). Evaluation time is not training time.
 
 Runs are kept in --work (one directory each, with the flags it ran with); a run whose result is already
 there is not repeated, so an interrupted benchmark continues, and --define'd sweeps reuse the baseline.
@@ -81,6 +83,10 @@ def parse_args():
                    help="an extra recipe: train.py flags on top of the shape, optionally after a recipe's name, "
                         "whose flags they then follow (and override): 'muon-qk=muon --qk_norm=true' (repeatable)")
     p.add_argument("--no-equal-time", action="store_true", help="skip the equal wall-clock runs")
+    p.add_argument("--timing-steps", type=int, default=40,
+                   help="equal wall-clock: each recipe's step time against the baseline's, from short runs side by "
+                        "side on the two cores, then with the cores swapped (0: the medians of the equal-token runs, "
+                        "which ran beside whichever recipe shared their round)")
     p.add_argument("--cores", default="0,1", help="one run per core, at the same time")
     p.add_argument("--work", default="bench/results/recipe_runs")
     p.add_argument("--out", default="bench/results/recipe_quality.json")
@@ -153,11 +159,30 @@ def run_all(jobs: list[dict], cores: list[str]) -> list[dict]:
         return list(pool.map(work, jobs))
 
 
-def make_job(args, recipes, recipe: str, seed: int, steps: int) -> dict:
+def paired_step_times(args, recipes, names, cores, base_step_s: float) -> dict[str, float]:
+    """Each recipe's step time as its ratio to the baseline's times the baseline's: the ratio is the mean of
+    two short runs beside the baseline, one on each core, so a slower core or a busy moment hits both."""
+    base, ratios = names[0], {names[0]: 1.0}
+    for r in names[1:]:
+        rounds = []
+        for swap in (False, True):
+            pair = [make_job(args, recipes, name, args.seeds_list[0], args.timing_steps,
+                             work=Path(args.work) / "timing" / ("swapped" if swap else "first")) for name in (r, base)]
+            for job in pair:  # a short run: the held-out score is not what it is for
+                job["flags"] = [*job["flags"], "--eval_tokens=4096"]
+            with ThreadPoolExecutor(2) as pool:
+                mine, theirs = pool.map(train, pair, cores[::-1] if swap else cores)
+            rounds.append(mine["median_step_s"] / theirs["median_step_s"])
+        ratios[r] = statistics.mean(rounds)
+        print(f"  step time {r} / {base}: {' and '.join(f'{x:.3f}' for x in rounds)} (cores swapped)", flush=True)
+    return {r: ratios[r] * base_step_s for r in names}
+
+
+def make_job(args, recipes, recipe: str, seed: int, steps: int, work: Path | None = None) -> dict:
     flags = [*args.shape_flags, f"--data_dir={args.data_dir}", f"--seed={seed}", f"--max_steps={steps}",
              f"--eval_interval={steps}", *shlex.split(recipes[recipe])]
     return {"recipe": recipe, "seed": seed, "steps": steps, "flags": flags,
-            "dir": run_dir(Path(args.work), recipe, seed, steps)}
+            "dir": run_dir(work or Path(args.work), recipe, seed, steps)}
 
 
 def main():
@@ -172,7 +197,7 @@ def main():
     unknown = [r for r in names if r not in recipes]
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; known: {', '.join(recipes)} (add one with --define NAME=FLAGS)")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds_list = [int(s) for s in args.seeds.split(",")]
     cores = args.cores.split(",")
     corpus = Path(args.corpus) if Path(args.corpus).is_absolute() else REPO / args.corpus
     prepare(corpus, REPO / args.data_dir)
@@ -187,6 +212,8 @@ def main():
     jobs = [make_job(args, recipes, r, s, steps) for s in seeds for r in names if s in seeds_of[r]]
     equal_tokens = run_all(jobs, cores)
     step_s = {r: statistics.median(x["median_step_s"] for x in equal_tokens if x["recipe"] == r) for r in names}
+    if args.timing_steps and len(cores) == 2 and not args.no_equal_time:
+        step_s = paired_step_times(args, recipes, names, cores, step_s[base])
 
     equal_time = []
     if not args.no_equal_time:
