@@ -11,7 +11,6 @@ reply alone, for scripts and pipes. Notes go to stderr, the conversation to stdo
 """
 
 import argparse
-import os
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from nanokor.chat_format import require_chat_tokens
 from nanokor.chat_session import ChatSession
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
-from nanokor.errors import NanokorError
+from nanokor.errors import NanokorError, exit_streaming
 from nanokor.generate import Decoder, StreamDecoder
 from sample import add_generation_args, resolve_generation_args, sampling_of
 
@@ -134,22 +133,12 @@ def main(argv=None) -> int:
     out = sys.stdout
     if hasattr(out, "reconfigure"):  # Korean text is UTF-8 whatever the locale (LANG=C would fail)
         out.reconfigure(encoding="utf-8")
-    try:
-        session = open_session(args)
-        if args.prompt is not None:
-            say(session, args.prompt, out)
-            return 0
-    except NanokorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    session = open_session(args)
+    if args.prompt is not None:
+        say(session, args.prompt, out)
+        return 0
     return converse(session, out)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and keep exit's flush from failing too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    sys.exit(exit_streaming(main))

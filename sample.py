@@ -10,14 +10,13 @@ the text to stdout.
 """
 
 import argparse
-import os
 import sys
 
 import torch
 
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.device import DTYPES, resolve_device, resolve_dtype
-from nanokor.errors import NanokorError, PromptError
+from nanokor.errors import PromptError, exit_streaming
 from nanokor.flags import number, positive_int, seed
 from nanokor.generate import Decoder, StreamDecoder, encode_prompt, generate, room_to_generate
 
@@ -109,16 +108,12 @@ def fit_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-        model = build_model(ckpt).to(args.device, args.dtype)
-        tokenizer = build_tokenizer(ckpt)
-        text = read_prompt(args)
-        ids = encode_prompt(tokenizer, text)
-        max_new = fit_length(len(ids), args.max_new_tokens, model.config.max_seq_len)
-    except NanokorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ckpt = load_checkpoint(args.ckpt)
+    model = build_model(ckpt).to(args.device, args.dtype)
+    tokenizer = build_tokenizer(ckpt)
+    text = read_prompt(args)
+    ids = encode_prompt(tokenizer, text)
+    max_new = fit_length(len(ids), args.max_new_tokens, model.config.max_seq_len)
 
     decoder = Decoder(model, args.decode_mode)
     idx = torch.tensor([ids], device=args.device)
@@ -141,10 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and keep exit's flush from failing too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    sys.exit(exit_streaming(main))

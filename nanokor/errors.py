@@ -5,6 +5,7 @@ code says whose move it is: 2 (argparse's) for input to fix, 1 for a started tra
 not go on. Anything else that escapes is a bug in nanokor, and keeps its traceback.
 """
 
+import os
 import sys
 
 
@@ -82,3 +83,16 @@ def exit_on_error(main, *args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return code if isinstance(code, int) else 0
+
+
+def exit_streaming(main, *args) -> int:
+    """exit_on_error for a command that streams text to stdout (sample, chat): Ctrl-C exits with 130, and a
+    reader that left (`| head`) ends it quietly, with stdout pointed at /dev/null so exit's flush cannot
+    fail too."""
+    try:
+        return exit_on_error(main, *args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
