@@ -17,7 +17,7 @@ training, each run is scored once on the whole held-out split.
 Equal tokens: every recipe trains for --tokens. Equal wall-clock: a recipe whose step is slower or
 faster than the baseline's (--baseline, nanoGPT's recipe unless named) by more than 1% is trained again
 for the number of steps that costs the baseline's training time; its schedule is laid out over those
-steps, as a user with that budget would do. The step-time ratio comes from --timing-steps-long runs of
+steps, as a user with that budget would do. The step-time ratio comes from short runs (--timing-steps) of
 the recipe beside the baseline, once on each core (recipes with the same work differ by up to 5% between
 the rounds of the equal-token runs). Evaluation time is not training time.
 
