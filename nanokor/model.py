@@ -121,7 +121,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         d = x.size(-1)
-        dyx = (dy * x).view(-1, d)
+        dyx = (dy * x).reshape(-1, d)  # dy may come permuted (the k of grouped-query attention)
         grad_w = rstd.view(1, -1) @ dyx
         coef = rstd.square() * (dyx @ weight).view(rstd.shape) / d
         grad_x = (dy * weight).addcmul_(x, coef, value=-1).mul_(rstd)

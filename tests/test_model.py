@@ -83,8 +83,10 @@ def test_gradients_match_transformers_llama_in_fp32(name):
         assert (grad - p.grad).abs().max().item() <= 1e-4 * p.grad.abs().max().item(), hf_name
 
 
-@pytest.mark.parametrize("shape", [(16, 64), (2, 9, 48)])
-def test_rmsnorm_backward_matches_float64_autograd_of_the_formula(shape):
+@pytest.mark.parametrize("shape, permuted", [((16, 64), False), ((2, 9, 48), False), ((2, 9, 3, 16), True)])
+def test_rmsnorm_backward_matches_float64_autograd_of_the_formula(shape, permuted):
+    """permuted: the gradient arrives with (B, H, T, D) strides, as k_norm's does under grouped-query
+    attention (its view(-1, D) failed there)."""
     from nanokor.model import RMSNormFunction
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(shape[-1], dtype=torch.float64) + 0.5).requires_grad_()
@@ -93,7 +95,8 @@ def test_rmsnorm_backward_matches_float64_autograd_of_the_formula(shape):
     ref_dx, ref_dw = torch.autograd.grad(ref, (x, w), dy)
     xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     y = RMSNormFunction.apply(xf, wf, 1e-5)
-    dx, dw = torch.autograd.grad(y, (xf, wf), dy.float())
+    dyf = dy.float().transpose(1, 2).contiguous().transpose(1, 2) if permuted else dy.float()
+    dx, dw = torch.autograd.grad(y, (xf, wf), dyf)
     for got, want in ((y, ref), (dx, ref_dx), (dw, ref_dw)):
         assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
