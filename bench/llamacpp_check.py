@@ -70,7 +70,7 @@ def parse_args():
 
 
 def run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", **kw)  # a cut-off UTF-8 tail
     if proc.returncode:
         sys.exit(f"{' '.join(map(str, cmd[:3]))} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -11,10 +11,10 @@
 # (LLAMA_CPP_PYTHON_VERSION, default 0.3.36), only llama-tokenize, llama-completion, llama-perplexity
 # and llama-server (without its web UI), cached in ~/.cache/nanokor/llama.cpp so a rerun skips the build. Trains the
 # quickstart model on the embedded sample (config/tiny.py with its shape spelled out, plus 2 key/value
-# heads so grouped-query attention is exercised), then checks four GGUF files: `--gguf` at f32 and
+# heads so grouped-query attention is exercised, and --qk_norm=false: a Llama), then checks four GGUF files: `--gguf` at f32 and
 # q8_0, f32 from llama.cpp's own convert_hf_to_gguf.py run on the Hugging Face export, and the same
 # with add_prefix_space deleted from tokenizer_config.json (the export before the fix). Then the same
-# model with qk_norm, which exports as a Qwen3 (llama.cpp's `qwen3` architecture): `--gguf` at f32 and
+# model with qk_norm (the default since recipe v2), which exports as a Qwen3 (llama.cpp's `qwen3` architecture): `--gguf` at f32 and
 # q8_0 and convert_hf_to_gguf.py's f32 of the Qwen3 directory. The checks
 # are bench/llamacpp_check.py's: every non-empty line of the sample tokenized by both, greedy
 # continuations of five prompts, and llama-perplexity -c <block_size> against nanokor's loss on the
@@ -108,7 +108,7 @@ if [[ -n "$CKPT" ]]; then
 fi
 
 echo "== Llama: training the quickstart model on the embedded sample (about a minute), exporting"
-LLAMA="$(train llama)"
+LLAMA="$(train llama --qk_norm=false)"
 export_all "$LLAMA" llama
 # The same directory without add_prefix_space, as the export wrote it before: the check must catch that.
 cp -r "$WORK/llama/hf" "$WORK/llama/hf-old"

@@ -46,22 +46,28 @@ SHAPE = ["--n_layer=6", "--d_model=256", "--n_head=4", "--d_ff=688", "--block_si
          "--dropout=0", "--label_smoothing=0", "--sample_tokens=0", "--keep_best=0", "--eval_tokens=1073741824",
          "--wandb_mode=disabled"]
 BASELINE = "adamw-cosine"
+# Every recipe spells out the keys that recipe v2 changed, so its definition does not move with the defaults
+# (and a cached run, whose flags are its cache key, stays what it says).
+V1 = "--qk_norm=false --beta1=0.9 --eps=1e-8"
 RECIPES = {
     # nanoGPT's recipe on nanokor's model: AdamW, linear warmup, cosine from 1e-3 to 1e-4.
     "adamw-cosine": "--optimizer=adamw --schedule=cosine --lr=1e-3 --min_lr=1e-4 --warmup_steps=50 "
-                    "--embed_lr=0 --weight_decay=0.1 --beta2=0.95",
+                    f"--embed_lr=0 --weight_decay=0.1 --beta2=0.95 {V1}",
     # nanokor 0.1's config/tiny.py: Noam (never anneals), AdamW.
     "noam-0.1": "--optimizer=adamw --schedule=noam --warmup_steps=50 --lr_factor=0.5 --cooldown_frac=0 --embed_lr=0 "
-                "--weight_decay=0.1",
+                f"--weight_decay=0.1 {V1}",
     # The original guide's recipe (config/guide.py): Noam, label smoothing 0.1, dropout 0.1.
     "guide": "--optimizer=adamw --schedule=noam --warmup_steps=50 --lr_factor=0.5 --cooldown_frac=0 --embed_lr=0 "
-             "--weight_decay=0.1 --label_smoothing=0.1 --dropout=0.1",
-    # nanokor's default recipe (nanokor/config.py's defaults at this shape's width and length): Muon for the
-    # block matrices at 0.02, AdamW for the head at Noam's peak of 0.679 / sqrt(256 * 50) = 6e-3 and the
-    # embedding at 0.2, a linear cooldown over the last 40% of the steps, weight decay 0.1.
+             f"--weight_decay=0.1 --label_smoothing=0.1 --dropout=0.1 {V1}",
+    # nanokor's recipe before v2 (at this shape's width and length): Muon for the block matrices at 0.02, AdamW
+    # for the head at Noam's peak of 0.679 / sqrt(256 * 50) = 6e-3 and the embedding at 0.2, a linear cooldown
+    # over the last 40% of the steps, weight decay 0.1. The screening of recipe v2 calls it "muon".
     "muon": "--optimizer=muon --schedule=noam --warmup_steps=50 --lr_factor=0.679 --cooldown_frac=0.4 "
-            "--muon_lr=0.02 --embed_lr=0.2 --weight_decay=0.1 --beta2=0.95",
+            f"--muon_lr=0.02 --embed_lr=0.2 --weight_decay=0.1 --beta2=0.95 {V1}",
 }
+# Recipe v2, nanokor's defaults: v1 with QK-norm, AdamW betas (0.8, 0.95) and eps 1e-10, and Muon at 0.03.
+RECIPES["v2"] = RECIPES["muon"].replace(V1, "--qk_norm=true --beta1=0.8 --eps=1e-10").replace(
+    "--muon_lr=0.02", "--muon_lr=0.03")
 
 
 def parse_args():

@@ -1,6 +1,6 @@
 # The real run: a ~160M-parameter model on 8 GPUs with nanokor's measured recipe (the defaults in
 # nanokor/config.py: Muon for the block matrices, AdamW for embedding/head/norms, Noam with a linear
-# cooldown over the last 40% of the run, no dropout or label smoothing; README "Benchmarks" has the
+# cooldown over the last 40% of the run, no dropout or label smoothing; docs/benchmarks.md has the
 # measurements). The original guide's recipe is config/guide.py.
 #   python prepare.py                                          # maywell/korean_textbooks -> data/korean_textbooks
 #   torchrun --standalone --nproc_per_node=8 train.py config/base.py
@@ -19,9 +19,9 @@ batch_size = 16
 grad_accum = 4
 max_steps = 20000  # ~10.5B tokens
 
-# The defaults' rates, measured best at d_model 256 (bench/recipe_quality.py) and scaled to d_model 768 by
-# d^-0.5 as nanochat does: the AdamW head peaks at lr_factor / sqrt(768 * 1000) = 3.4e-3 at step 1000,
-# Muon at muon_lr = 0.02, the embedding at embed_lr = 0.2.
+# The defaults' rates, by the rule docs/benchmarks.md checks at two widths: the AdamW head's peak scales as
+# d^-0.5 (0.096 / sqrt(d_model), whatever the warmup), measured best at d_model 256 and here
+# lr_factor / sqrt(768 * 1000) = 3.4e-3 at step 1000; Muon's 0.03 and the embedding's 0.2 do not scale.
 warmup_steps = 1000
 lr_factor = 3.0
 

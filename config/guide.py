@@ -28,6 +28,10 @@ cooldown_frac = 0.0
 embed_lr = 0.0
 weight_decay = 0.1
 label_smoothing = 0.1
+# Pinned to what the defaults were before recipe v2 changed them, so this stays the guide's recipe.
+qk_norm = False
+beta1 = 0.9
+eps = 1e-8
 
 eval_interval = 500
 eval_tokens = 2_097_152

@@ -45,7 +45,9 @@ class TrainConfig:
     d_ff: int = _MODEL["d_ff"]
     dropout: float = _MODEL["dropout"]
     tie_embeddings: bool = _MODEL["tie_embeddings"]
-    qk_norm: bool = _MODEL["qk_norm"]  # RMSNorm of each head's queries and keys (Qwen3); exports as Qwen3
+    # RMSNorm of each head's queries and keys (Qwen3's; exports as Qwen3). On for new runs (recipe v2,
+    # docs/benchmarks.md); the model's default stays off, as it means a checkpoint that predates the key.
+    qk_norm: bool = True
     rope_theta: float = _MODEL["rope_theta"]
     norm_eps: float = _MODEL["norm_eps"]
     init_std: float = _MODEL["init_std"]
@@ -60,7 +62,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step, per process
     max_steps: int = 10000
     # ---- optimizer and schedule ----
-    # The defaults are the recipe bench/recipe_quality.py measured best (README, "Benchmarks").
+    # The defaults are the recipe bench/recipe_quality.py measured best (docs/benchmarks.md).
     optimizer: str = "muon"  # muon (Muon for the block matrices, AdamW for embedding, head, norms) | adamw
     schedule: str = "noam"  # noam | cosine | wsd (warmup-stable-decay)
     lr_factor: float = 3.0  # noam: lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5); 3.4e-3 peak
@@ -71,16 +73,16 @@ class TrainConfig:
     warmup_steps: int = 1000
     decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
     embed_lr: float = 0.2  # the embedding's peak AdamW lr; 0 = the schedule's peak (a tied head always uses it)
-    muon_lr: float = 0.02  # optimizer=muon: the block matrices' peak lr
+    muon_lr: float = 0.03  # optimizer=muon: the block matrices' peak lr (recipe v2; 0.02 before)
     muon_momentum: float = 0.95  # optimizer=muon: Nesterov momentum
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises linearly from muon_momentum_start
     muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
     muon_ns_dtype: str = "auto"  # Newton-Schulz in bf16 | fp32 | auto (bf16 on GPUs and CPUs with bf16 units, else fp32)
     weight_decay: float = 0.1  # decoupled, on the matrices and an untied head (AdamW and Muon alike)
     weight_decay_schedule: str = "constant"  # constant | linear, cosine (to 0 at max_steps) | lr (follows the lr)
-    beta1: float = 0.9
+    beta1: float = 0.8  # AdamW's, for the embedding, head and norms (recipe v2: 0.9 and 1e-8 before)
     beta2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-10
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping (the norm is still logged)
     label_smoothing: float = 0.0  # training loss only; validation is pure cross-entropy
     max_nonfinite: int = 10  # consecutive non-finite steps (skipped) before the run aborts
@@ -258,7 +260,8 @@ def adopt_architecture(cfg: TrainConfig, given: set[str]) -> None:
         return  # from scratch; or a resume with no last.pt to read, which the engine reports
     from nanokor.checkpoint import load_checkpoint  # the checkpoint's metadata only (mmap)
 
-    saved = load_checkpoint(path, mmap=True)["model_config"]
+    # A key an older checkpoint lacks means the model's default then (qk_norm: False), not this run's default.
+    saved = ModelConfig.from_dict(load_checkpoint(path, mmap=True)["model_config"]).architecture()
     keys = [k for k in MODEL_KEYS if k in saved]
 
     def asked(key):  # n_kv_head 0 means n_head, which a checkpoint stores resolved

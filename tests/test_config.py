@@ -113,11 +113,12 @@ def test_guide_config_is_the_original_recipe():
     assert (cfg.optimizer, cfg.schedule, cfg.warmup_steps, cfg.lr_factor, cfg.label_smoothing) == ("adamw", "noam", 4000, 1.0, 0.1)
     assert (cfg.cooldown_frac, cfg.embed_lr) == (0.0, 0.0)  # Noam never anneals; one rate for every parameter
     assert (cfg.dtype, cfg.grad_clip, cfg.keep_best) == ("bf16", 1.0, 3)
+    assert (cfg.qk_norm, cfg.beta1, cfg.eps) == (False, 0.9, 1e-8)  # the defaults before recipe v2, pinned
 
 
 def test_base_config_is_the_guides_model_with_the_measured_recipe():
     base, guide = load_config([str(REPO / "config/base.py")]), load_config([str(REPO / "config/guide.py")])
-    assert model_config(base, 32000) == replace(model_config(guide, 32000), dropout=0.0)
+    assert model_config(base, 32000) == replace(model_config(guide, 32000), dropout=0.0, qk_norm=True)
     assert (base.optimizer, base.schedule, base.cooldown_frac, base.dropout, base.label_smoothing) == ("muon", "noam", 0.4, 0.0, 0.0)
     assert base.batch_size * base.block_size * base.grad_accum == guide.batch_size * guide.block_size * guide.grad_accum
 
@@ -150,5 +151,21 @@ def test_every_model_field_is_a_config_key_with_the_models_default():
 
     assert set(MODEL_KEYS) == {f.name for f in fields(ModelConfig)} - {"vocab_size", "max_seq_len"}
     for f in fields(ModelConfig):
-        if f.name in MODEL_KEYS:
+        if f.name in MODEL_KEYS and f.name != "qk_norm":
             assert getattr(TrainConfig(), f.name) == f.default, f.name
+    # qk_norm: on for new runs; the model's default, what a checkpoint without the key means, stays off.
+    assert TrainConfig().qk_norm and not ModelConfig(vocab_size=8).qk_norm
+
+
+def test_a_checkpoint_that_predates_qk_norm_is_adopted_without_it(tokenizer, tmp_path):
+    """init_from a checkpoint whose model_config lacks a key takes the model's default for it (what the
+    checkpoint meant), not this run's default: qk_norm stays off, and the weights fit."""
+    from nanokor.checkpoint import load_checkpoint, save_checkpoint
+    from tiny_checkpoint import make_checkpoint
+
+    ckpt = load_checkpoint(make_checkpoint(tmp_path / "new.pt", tokenizer))
+    del ckpt["model_config"]["qk_norm"]
+    save_checkpoint(ckpt, tmp_path / "old.pt")
+    cfg = load_config([f"--init_from={tmp_path / 'old.pt'}"])
+    assert cfg.qk_norm is False and TrainConfig().qk_norm is True
+    assert (cfg.d_model, cfg.n_layer) == (64, 2)
