@@ -18,7 +18,7 @@ import torch
 from nanokor.chat_format import require_chat_tokens
 from nanokor.chat_session import ChatSession
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
-from nanokor.errors import NanokorError, exit_streaming
+from nanokor.errors import NanokorError, exit_on_error, exit_streaming
 from nanokor.generate import Decoder, StreamDecoder
 from sample import add_generation_args, resolve_generation_args, sampling_of
 
@@ -129,7 +129,11 @@ def converse(session: ChatSession, out) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """The command: its exit code, with a NanokorError as one paragraph on stderr."""
+    return exit_on_error(chat, parse_args(argv))
+
+
+def chat(args) -> int:
     out = sys.stdout
     if hasattr(out, "reconfigure"):  # Korean text is UTF-8 whatever the locale (LANG=C would fail)
         out.reconfigure(encoding="utf-8")

@@ -16,7 +16,7 @@ import torch
 
 from nanokor.checkpoint import build_model, build_tokenizer, load_checkpoint
 from nanokor.device import DTYPES, resolve_device, resolve_dtype
-from nanokor.errors import PromptError, exit_streaming
+from nanokor.errors import PromptError, exit_on_error, exit_streaming
 from nanokor.flags import number, positive_int, seed
 from nanokor.generate import Decoder, StreamDecoder, encode_prompt, generate, room_to_generate
 
@@ -107,7 +107,11 @@ def fit_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """The command: its exit code, with a NanokorError as one paragraph on stderr."""
+    return exit_on_error(sample, parse_args(argv))
+
+
+def sample(args) -> int:
     ckpt = load_checkpoint(args.ckpt)
     model = build_model(ckpt).to(args.device, args.dtype)
     tokenizer = build_tokenizer(ckpt)

@@ -29,7 +29,7 @@ def names(model, params) -> set[str]:
 @pytest.mark.parametrize("tie", [False, True])
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(tie):
     cfg, model = small_model("--optimizer=muon", "--schedule=cosine", "--lr=2e-3", "--embed_lr=0.1",
-                             "--muon_lr=0.04", "--weight_decay=0.05", f"--tie_embeddings={tie}")
+                             "--muon_lr=0.04", "--weight_decay=0.05", f"--tie_embeddings={tie}", "--qk_norm=true")
     groups = param_groups(model, cfg, schedule_peak(cfg))
     (muon,) = groups["muon"]
     assert names(model, muon["params"]) == {f"layers.{i}.{m}.weight" for i in range(2) for m in
@@ -39,7 +39,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tie):
     adamw = {g["name"]: g for g in groups["adamw"]}
     assert names(model, adamw["embedding"]["params"]) == {"embed_tokens.weight"}
     assert names(model, adamw["norms"]["params"]) == {"norm.weight", *(f"layers.{i}.{n}.weight" for i in range(2)
-                                                      for n in ("input_layernorm", "post_attention_layernorm"))}
+                                                      for n in ("input_layernorm", "post_attention_layernorm",
+                                                                "self_attn.q_norm", "self_attn.k_norm"))}
     assert adamw["embedding"]["weight_decay"] == adamw["norms"]["weight_decay"] == 0.0
     if tie:  # one tensor, once, at the head's rate: its gradient is mostly the logits'
         assert "head" not in adamw and adamw["embedding"]["lr_scale"] == 1.0
