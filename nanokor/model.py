@@ -292,7 +292,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             # Before the rotation, as Qwen3 does: RoPE keeps each head's norm, so the normalisation is the same
             # either way, but a learned gain that is not symmetric in the rotated pairs is not.
-            q, k = self.q_norm(q), self.k_norm(k)
+            # Back to q's dtype: under bf16 autocast the fp32 gain would make them fp32 (and v, the cache bf16).
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
