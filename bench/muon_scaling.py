@@ -36,7 +36,6 @@ Prints the tables and writes bench/results/muon_scaling.json.
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -175,12 +174,12 @@ def _real_worker(rank: int, world: int, store: str, shapes, rounds: int, ns_dtyp
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     alone = dist.new_subgroups(group_size=1)[0]  # this rank by itself: replicated, as torch.optim.Muon
-    orthogonalize = functools.partial(newton_schulz, dtype=torch.float32 if ns_dtype == "fp32" else torch.bfloat16)
+    dtype = torch.float32 if ns_dtype == "fp32" else torch.bfloat16
     g = torch.Generator().manual_seed(0)  # the same matrices and gradients on every rank (after DDP's all-reduce)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     grads = [torch.randn(s, generator=g) for s in shapes]
-    optimizers = {"replicated": Muon(params, lr=0.02, process_group=alone, orthogonalize=orthogonalize),
-                  "partitioned": Muon(params, lr=0.02, orthogonalize=orthogonalize)}
+    optimizers = {"replicated": Muon(params, lr=0.02, process_group=alone, ns_dtype=dtype),
+                  "partitioned": Muon(params, lr=0.02, ns_dtype=dtype)}
     times = {f"{name}{kind}": [] for name in optimizers for kind in ("", "_cpu")}
     for _ in range(rounds):
         for name, opt in optimizers.items():

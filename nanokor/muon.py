@@ -19,15 +19,18 @@ Parameters come in two kinds, and the collective follows:
     `all_to_all` gathers each matrix's rows at its owner, and a second sends each rank the orthogonalized
     rows it holds (the owner gathers whole matrices, as Moonshot's and Dion's distributed Muon do).
 
-Newton-Schulz starts by casting to bf16 and returns bf16, so the rows and updates travel in bf16 and the
-split changes nothing: every op is torch.optim.Muon's, in its order, and a step equals torch's bit for
-bit given the same gradients (tests/test_muon.py). One process runs no collective at all.
+The Nesterov rows travel to their owner in `ns_dtype`, the dtype Newton-Schulz computes in (it casts to
+it first), and the orthogonalized updates travel back in bf16 (EXCHANGE_DTYPE), which every rank and a
+single process round them to alike; so the split changes nothing: every op is torch.optim.Muon's, in its
+order, and a step equals torch's bit for bit given the same gradients (tests/test_muon.py). One process
+runs no collective at all.
 
 Every hyperparameter (lr, momentum, weight_decay, nesterov, ns_*, eps, adjust_lr_fn) is read from the
 param group at every step, as torch.optim.Muon does, so schedules may set any of them between steps.
 """
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -91,10 +94,11 @@ class Muon(torch.optim.Muon):
     work partitioned over `process_group` (default: the whole world when torch.distributed is running)
     for whole tensors, or over the device mesh of FSDP2-sharded ones. See the module docstring."""
 
-    def __init__(self, params, *, process_group=None,
-                 orthogonalize: Callable[[torch.Tensor, dict], torch.Tensor] = newton_schulz, **kwargs):
+    def __init__(self, params, *, process_group=None, ns_dtype: torch.dtype = torch.bfloat16,
+                 orthogonalize: Callable[[torch.Tensor, dict], torch.Tensor] | None = None, **kwargs):
         super().__init__(params, **kwargs)
-        self.process_group, self.orthogonalize = process_group, orthogonalize
+        self.process_group, self.ns_dtype = process_group, ns_dtype
+        self.orthogonalize = orthogonalize or partial(newton_schulz, dtype=ns_dtype)
         self._owners: dict[int, int] = {}  # id(param) -> owner rank, for the parameter set in _owners_key
         self._owners_key: tuple = ()
 
@@ -186,7 +190,8 @@ class Muon(torch.optim.Muon):
         sent = [sum(rows[i][rank] * cols[i] for i in range(len(work)) if owners[i] == r) for r in range(world)]
         got = [sum(rows[i][r] * cols[i] for i in range(len(work)) if owners[i] == rank) for r in range(world)]
         order = sorted(range(len(work)), key=owners.__getitem__)  # stable: parameter order within an owner
-        out = torch.cat([self._nesterov(*work[i]).to(EXCHANGE_DTYPE).flatten() for i in order])
+        # In ns_dtype: rounding them to bf16 here would add a rounding that fp32 Newton-Schulz does not make.
+        out = torch.cat([self._nesterov(*work[i]).to(self.ns_dtype).flatten() for i in order])
         inbox = _all_to_all(out, got, sent, pg, world)
         # Reassemble my matrices from every rank's rows, orthogonalize, and cut the result into rows again.
         pieces = _split(inbox, [[rows[i][r] * cols[i] for i in order if owners[i] == rank] for r in range(world)])
@@ -196,7 +201,7 @@ class Muon(torch.optim.Muon):
             update = self.orthogonalize(whole, work[i][1]).to(EXCHANGE_DTYPE)
             results.append(update.split(rows[i]))
         back = torch.cat([t.flatten() for r in range(world) for t in (res[r] for res in results)]) if results \
-            else out.new_empty(0)  # a rank that owns no matrix (more ranks than matrices)
+            else out.new_empty(0, dtype=EXCHANGE_DTYPE)  # a rank that owns no matrix (more ranks than matrices)
         mine = _all_to_all(back, sent, got, pg, world)
         per_owner = _split(mine, [[rows[i][rank] * cols[i] for i in order if owners[i] == r] for r in range(world)])
         updates: list = [None] * len(work)

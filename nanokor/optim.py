@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from nanokor.errors import CheckpointError
-from nanokor.muon import Muon, newton_schulz
+from nanokor.muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -181,7 +181,7 @@ def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     ranks of DDP or FSDP2 (nanokor/muon.py)."""
     dtype = ns_dtype(cfg.muon_ns_dtype, groups[0]["params"][0].device)
     return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
-                orthogonalize=partial(newton_schulz, dtype=dtype))
+                ns_dtype=dtype)
 
 
 def ns_dtype(choice: str, device: torch.device) -> torch.dtype:

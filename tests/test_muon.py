@@ -1,6 +1,6 @@
 """nanokor's Muon against torch.optim.Muon: one process bit for bit; 2 and 3 gloo ranks, whole tensors
 (DDP after its all-reduce) and FSDP2-style row shards, with matrix counts and row counts that do not
-divide evenly, bit for bit too; each matrix orthogonalized by exactly one rank; the owners balanced;
+divide evenly, bit for bit too (and in fp32 against one process); each matrix orthogonalized by exactly one rank; the owners balanced;
 the per-step hyperparameters that Optimizers.set_step sets reach the partitioned steps."""
 
 import itertools
@@ -143,6 +143,16 @@ def _check_partitioned_step(rank: int, world: int, sharded: bool):
         if owners[2] == r:  # matrix 2 had no gradient at step 1
             expected.remove(SHAPES[2])
         assert sorted(everyone[r]) == sorted(expected)
+
+    # fp32 Newton-Schulz (optim.ns_dtype on a CPU without bf16 units) against one process's: the rows travel
+    # to their owner in fp32 too, which a bf16 exchange would round first (a ~1% weight drift in 4 steps).
+    alone = dist.new_subgroups(group_size=1)[0]
+    split, whole = ([torch.nn.Parameter(f(t)) for t in make_params()] for f in (shard, torch.clone))
+    opt = Muon(groups_of(split), adjust_lr_fn="original", ns_dtype=torch.float32)
+    run_steps(opt, split, set_grad)
+    one = Muon(groups_of(whole), adjust_lr_fn="original", ns_dtype=torch.float32, process_group=alone)
+    run_steps(one, whole, lambda p, g: g.clone())
+    assert all(torch.equal(full(p.detach()), q.detach()) for p, q in zip(split, whole)), f"rank {rank}: fp32"
 
     # Fewer matrices than ranks: a rank that owns none still takes part in the exchange.
     few, ref = ([torch.nn.Parameter(f(t)) for t in make_params()[:world - 1]] for f in (shard, torch.clone))
