@@ -78,6 +78,9 @@ class TrainConfig:
     muon_momentum_warmup: int = 0  # steps over which Muon's momentum rises linearly from muon_momentum_start
     muon_momentum_start: float = 0.85  # Muon's momentum at step 0 when muon_momentum_warmup > 0
     muon_ns_dtype: str = "auto"  # Newton-Schulz in bf16 | fp32 | auto (bf16 on GPUs and CPUs with bf16 units, else fp32)
+    muon_ns: str = "jordan"  # Muon's orthogonalization: jordan (fixed quintic) | polar_express (per-step coefficients)
+    normuon_beta2: float = 0.0  # > 0: NorMuon, each row of Muon's update normalized by an EMA of its RMS at this rate
+    muon_cautious_wd: bool = False  # Muon decays only the weights its update moves toward zero (cautious weight decay)
     weight_decay: float = 0.1  # decoupled, on the matrices and an untied head (AdamW and Muon alike)
     weight_decay_schedule: str = "constant"  # constant | linear, cosine (to 0 at max_steps) | lr (follows the lr)
     beta1: float = 0.8  # AdamW's, for the embedding, head and norms (recipe v2: 0.9 and 1e-8 before)
@@ -110,6 +113,7 @@ CHOICES = {
     "schedule": ("noam", "cosine", "wsd"),
     "weight_decay_schedule": ("constant", "linear", "cosine", "lr"),
     "muon_ns_dtype": ("auto", "bf16", "fp32"),
+    "muon_ns": ("jordan", "polar_express"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 POSITIVE = ("n_layer", "n_head", "d_model", "d_ff", "block_size", "batch_size", "grad_accum", "max_steps",
@@ -234,6 +238,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.muon_momentum_warmup < 0 or not 0 <= cfg.muon_momentum_start < 1:
         problems.append(f"muon_momentum_warmup must not be negative and muon_momentum_start must be in [0, 1), got "
                         f"{cfg.muon_momentum_warmup} and {cfg.muon_momentum_start}")
+    if not 0 <= cfg.normuon_beta2 < 1:
+        problems.append(f"normuon_beta2 must be in [0, 1) (0 = plain Muon; NorMuon uses 0.95), got {cfg.normuon_beta2}")
     if not (0 <= cfg.muon_cooldown_frac <= 1 or cfg.muon_cooldown_frac == -1):
         problems.append(f"muon_cooldown_frac must be in [0, 1], or -1 for cooldown_frac, got {cfg.muon_cooldown_frac}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from nanokor.errors import CheckpointError
-from nanokor.muon import Muon
+from nanokor.muon import Muon, newton_schulz, polar_express
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -180,8 +180,10 @@ def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     sqrt(max(1, rows/cols)) of Keller Jordan's original), its Newton-Schulz work partitioned across the
     ranks of DDP or FSDP2 (nanokor/muon.py)."""
     dtype = ns_dtype(cfg.muon_ns_dtype, groups[0]["params"][0].device)
+    orthogonalize = {"jordan": newton_schulz, "polar_express": polar_express}[cfg.muon_ns]
     return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
-                ns_dtype=dtype)
+                ns_dtype=dtype, orthogonalize=partial(orthogonalize, dtype=dtype), normuon_beta2=cfg.normuon_beta2,
+                cautious_wd=cfg.muon_cautious_wd)
 
 
 def ns_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -4,6 +4,7 @@ divide evenly, bit for bit too (and in fp32 against one process); each matrix or
 the per-step hyperparameters that Optimizers.set_step sets reach the partitioned steps."""
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -146,13 +147,21 @@ def _check_partitioned_step(rank: int, world: int, sharded: bool):
 
     # fp32 Newton-Schulz (optim.ns_dtype on a CPU without bf16 units) against one process's: the rows travel
     # to their owner in fp32 too, which a bf16 exchange would round first (a ~1% weight drift in 4 steps).
+    # With NorMuon and cautious decay too: NorMuon's row statistics are each row's own, so a shard keeps
+    # its rows' state (saved and resharded like the momentum); only the norms are summed over the ranks,
+    # in another order than one process sums them (last-bit differences).
     alone = dist.new_subgroups(group_size=1)[0]
-    split, whole = ([torch.nn.Parameter(f(t)) for t in make_params()] for f in (shard, torch.clone))
-    opt = Muon(groups_of(split), adjust_lr_fn="original", ns_dtype=torch.float32)
-    run_steps(opt, split, set_grad)
-    one = Muon(groups_of(whole), adjust_lr_fn="original", ns_dtype=torch.float32, process_group=alone)
-    run_steps(one, whole, lambda p, g: g.clone())
-    assert all(torch.equal(full(p.detach()), q.detach()) for p, q in zip(split, whole)), f"rank {rank}: fp32"
+    for extra in ({}, {"normuon_beta2": 0.9, "cautious_wd": True}):
+        split, whole = ([torch.nn.Parameter(f(t)) for t in make_params()] for f in (shard, torch.clone))
+        opt = Muon(groups_of(split), adjust_lr_fn="original", ns_dtype=torch.float32, **extra)
+        run_steps(opt, split, set_grad)
+        one = Muon(groups_of(whole), adjust_lr_fn="original", ns_dtype=torch.float32, process_group=alone, **extra)
+        run_steps(one, whole, lambda p, g: g.clone())
+        same = torch.equal if not (extra and sharded) else partial(torch.allclose, rtol=0, atol=1e-6)
+        assert all(same(full(p.detach()), q.detach()) for p, q in zip(split, whole)), f"rank {rank}: {extra}"
+        for p, q in zip(split, whole):
+            if extra and p.grad is not None:
+                assert same(full(opt.state[p]["normuon_buffer"]), one.state[q]["normuon_buffer"])
 
     # Fewer matrices than ranks: a rank that owns none still takes part in the exchange.
     few, ref = ([torch.nn.Parameter(f(t)) for t in make_params()[:world - 1]] for f in (shard, torch.clone))

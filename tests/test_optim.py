@@ -10,6 +10,7 @@ import torch
 from nanokor.config import load_config, model_config
 from nanokor.errors import CheckpointError
 from nanokor.model import Transformer
+from nanokor.muon import POLAR_EXPRESS
 from nanokor.optim import build_optimizer, cooldown, make_schedule, noam_lr, param_groups, schedule_peak
 
 SMALL = ["--n_layer=2", "--n_head=2", "--d_model=32", "--d_ff=48", "--block_size=16"]
@@ -87,15 +88,32 @@ def newton_schulz_f64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
-@pytest.mark.parametrize("ns_dtype, tolerance", [("bf16", 0.02), ("fp32", 0.005)])
-def test_one_muon_step_matches_a_float64_reference(ns_dtype, tolerance):
+def polar_express_f64(g: torch.Tensor) -> torch.Tensor:
+    """Polar Express through the SVD: each iteration's odd quintic a t + b t^3 + c t^5 acts on the singular
+    values alone, after the normalization by the Frobenius norm times 1.02."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    t = s / (s.square().sum().sqrt() * 1.02)
+    for a, b, c in POLAR_EXPRESS:
+        t = a * t + b * t ** 3 + c * t ** 5
+    return u @ torch.diag(t) @ vh
+
+
+VARIANTS = {"jordan": [], "polar_express": ["--muon_ns=polar_express"], "normuon": ["--normuon_beta2=0.9"],
+            "cautious_wd": ["--muon_cautious_wd=true"]}
+
+
+@pytest.mark.parametrize("ns_dtype, tolerance, variant", [("bf16", 0.02, "jordan"), ("fp32", 0.005, "jordan"),
+                                                          *(("fp32", 0.005, v) for v in list(VARIANTS)[1:])])
+def test_one_muon_step_matches_a_float64_reference(ns_dtype, tolerance, variant):
     cfg, model = small_model("--optimizer=muon", "--schedule=wsd", "--lr=1e-3", "--warmup_steps=0",
                              "--muon_lr=0.05", "--muon_momentum=0.9", "--muon_momentum_warmup=4",
-                             "--muon_momentum_start=0.5", "--weight_decay=0.1", f"--muon_ns_dtype={ns_dtype}")
+                             "--muon_momentum_start=0.5", "--weight_decay=0.1", f"--muon_ns_dtype={ns_dtype}",
+                             *VARIANTS[variant])
     opt = build_optimizer(model, cfg)
     w = model.layers[0].mlp.up_proj.weight  # 48 x 32: tall, so the shape scaling sqrt(48/32) applies
     torch.manual_seed(1)
     lr, wd, buf = 0.05, 0.1, torch.zeros(48, 32, dtype=torch.float64)
+    row_ms = torch.zeros(48, dtype=torch.float64)  # NorMuon's EMA of each row's mean square
     for step in (1, 2):  # the second step also checks the momentum buffer
         opt.set_step(step)  # wsd's plateau: the schedule's peak, so Muon runs at muon_lr
         mu = 0.5 + 0.4 * step / 4  # the momentum warmup: 0.6, then 0.7
@@ -107,14 +125,23 @@ def test_one_muon_step_matches_a_float64_reference(ns_dtype, tolerance):
         opt.step()
         # The reference: momentum as an EMA, Nesterov look-ahead, orthogonalize, decoupled decay, scaled step.
         buf = mu * buf + (1 - mu) * g.double()
-        update = newton_schulz_f64((1 - mu) * g.double() + mu * buf)
-        expected = -lr * wd * old - lr * math.sqrt(48 / 32) * update
+        nesterov = (1 - mu) * g.double() + mu * buf
+        update = polar_express_f64(nesterov) if variant == "polar_express" else newton_schulz_f64(nesterov)
+        if variant == "normuon":  # rows divided by the root of their EMA'd mean square, at the update's norm
+            row_ms = 0.9 * row_ms + 0.1 * update.square().mean(dim=1)
+            scaled = update / row_ms.sqrt()[:, None]
+            update = scaled * update.norm() / scaled.norm()
+        # Cautious decay: only where the update would shrink the weight too, sign(update) = sign(weight).
+        decay = lr * wd * old * ((update * old >= 0) if variant == "cautious_wd" else 1)
+        expected = -decay - lr * math.sqrt(48 / 32) * update
         got = w.detach().double() - old
         # bf16 (torch.optim.Muon's) costs ~1% of the step; fp32 only the update's rounding to bf16 (~0.2%).
         assert (got - expected).norm() / expected.norm() < tolerance
-        # The orthogonalized update's singular values sit in Newton-Schulz's band around 1.
-        s = torch.linalg.svdvals((got + lr * wd * old) / (-lr * math.sqrt(48 / 32)))
-        assert 0.5 < s.min() and s.max() < 1.3
+        if variant != "normuon":  # the orthogonalized update's singular values sit in a band around 1
+            s = torch.linalg.svdvals((got + decay) / (-lr * math.sqrt(48 / 32)))
+            assert 0.5 < s.min() and s.max() < 1.3
+        if variant == "cautious_wd":  # and it does skip some: about half the weights disagree at random
+            assert 0.3 < (update * old < 0).double().mean() < 0.7
 
 
 def test_newton_schulz_dtype_follows_the_hardware():
