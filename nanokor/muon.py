@@ -84,20 +84,26 @@ def polar_express(update: torch.Tensor, group: dict, dtype: torch.dtype = torch.
     return x.T if tall else x
 
 
-def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float, pg=None) -> torch.Tensor:
-    """NorMuon (Li et al., 2025, arXiv:2510.05491): each row (output neuron) of the orthogonalized update
-    divided by the root of an EMA of its mean square, `second_moment` (updated in place), so that neurons
+def normuon(updates: list[torch.Tensor], second_moments: list[torch.Tensor], beta2: float,
+            pg=None) -> list[torch.Tensor]:
+    """NorMuon (Li et al., 2025, arXiv:2510.05491): each row (output neuron) of an orthogonalized update
+    divided by the root of an EMA of its mean square (`second_moments`, updated in place), so that neurons
     move at a like rate; then rescaled to the update's own Frobenius norm, which keeps muon_lr's meaning and
-    makes the EMA's bias correction moot. `update` may be this rank's rows of the matrix: `pg` then sums the
-    two norms over the ranks that hold the others."""
-    o = update.float()
-    mean_square = o.square().mean(dim=1)
-    second_moment.lerp_(mean_square, 1 - beta2)
-    scaled = o * second_moment.clamp(min=1e-20).rsqrt()[:, None]
-    norms = torch.stack([o.square().sum(), scaled.square().sum()])
+    makes the EMA's bias correction moot. The updates may be this rank's rows of each matrix: `pg` then
+    sums the norms over the ranks that hold the others, in one all_reduce for all matrices. Both norms
+    come from the row mean squares (|scaled|^2 = cols * sum(ms / v)), so no scaled copy is kept."""
+    rates, norms = [], []
+    for update, v in zip(updates, second_moments):
+        mean_square = update.float().square().mean(dim=1)
+        v.lerp_(mean_square, 1 - beta2)
+        rate = v.clamp(min=1e-20).rsqrt()
+        rates.append(rate)
+        norms.append(torch.stack([mean_square.sum(), (mean_square * rate.square()).sum()]) * update.size(1))
+    norms = torch.stack(norms) if norms else torch.empty(0, 2)
     if pg is not None:
         dist.all_reduce(norms, group=pg)
-    return scaled * (norms[0] / norms[1].clamp(min=1e-30)).sqrt()
+    return [update.float() * (rate * (n[0] / n[1].clamp(min=1e-30)).sqrt())[:, None]
+            for update, rate, n in zip(updates, rates, norms)]
 
 
 def newton_schulz_cost(shape) -> int:
@@ -169,12 +175,13 @@ class Muon(torch.optim.Muon):
         # 2. orthogonalize each owner's share, 3. share the results
         exchange = self._exchange_shards if sharded else self._exchange_whole
         updates = exchange(work, [owners[id(p)] for p, _ in work], pg, rank, world)
-        for (p, group), update in zip(work, updates):  # 4. apply, everywhere
-            if self.normuon_beta2:
+        if self.normuon_beta2:
+            for p, _ in work:
                 if "normuon_buffer" not in self.state[p]:
                     self.state[p]["normuon_buffer"] = _row_state(p)
-                update = normuon(update, _local(self.state[p]["normuon_buffer"]), self.normuon_beta2,
-                                 pg if sharded else None)
+            updates = normuon(updates, [_local(self.state[p]["normuon_buffer"]) for p, _ in work],
+                              self.normuon_beta2, pg if sharded else None)
+        for (p, group), update in zip(work, updates):  # 4. apply, everywhere
             lr = float(group["lr"])
             param = _local(p)
             if self.cautious_wd:  # decay where the step (-update) and the decay (-param) agree in sign
