@@ -28,7 +28,6 @@ Prints a table and writes bench/results/recipe_quality.json.
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from nanokor.atomic import atomic_write
 from nanokor.logger import read_metrics
+from pinned import cached, run_all, run_pinned, save
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ["--n_layer=6", "--d_model=256", "--n_head=4", "--d_ff=688", "--block_size=256", "--batch_size=16",
@@ -125,17 +125,10 @@ def run_dir(work: Path, recipe: str, seed: int, steps: int) -> Path:
 def train(job: dict, core: str) -> dict:
     """One train.py run pinned to `core`; its result is cached in the run directory."""
     out = job["dir"]
-    done = out / "result.json"
-    if done.is_file() and json.loads(done.read_text())["flags"] == job["flags"]:
-        return json.loads(done.read_text())
-    if out.exists():
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = ["taskset", "-c", core, sys.executable, "train.py", *job["flags"], f"--out_dir={out}"]
+    if (result := cached(out, job["flags"])) is not None:
+        return result
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    run_pinned([sys.executable, "train.py", *job["flags"], f"--out_dir={out}"], core)
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "step_time" in r]
     val = [r for r in records if "val_bpb" in r][-1]
@@ -144,25 +137,10 @@ def train(job: dict, core: str) -> dict:
               "final_train_loss": steps[-1]["loss"], "train_seconds": sum(r["step_time"] for r in steps),
               "median_step_s": statistics.median(r["step_time"] for r in steps[5:]),
               "wall_seconds": time.time() - t0, "core": core}
-    atomic_write(done, (json.dumps(result, indent=2) + "\n").encode())  # a cache a Ctrl-C never leaves torn
+    save(out, result)
     print(f"  {job['recipe']:<16} seed {job['seed']} {len(steps)} steps: val bpb {result['val_bpb']:.4f}, "
           f"{result['median_step_s'] * 1e3:.0f} ms/step", flush=True)
     return result
-
-
-def run_all(jobs: list[dict], cores: list[str]) -> list[dict]:
-    """Jobs in order, one per core at a time (the pool hands the next job to the first free core)."""
-    free = list(cores)
-
-    def work(job):
-        core = free.pop(0)
-        try:
-            return train(job, core)
-        finally:
-            free.append(core)
-
-    with ThreadPoolExecutor(len(cores)) as pool:
-        return list(pool.map(work, jobs))
 
 
 def paired_step_times(args, recipes, names, cores, base_step_s: float) -> dict[str, float]:
@@ -216,7 +194,7 @@ def main():
     one_seed = set(args.one_seed.split(",")) - {base}
     seeds_of = {r: seeds[:1] if r in one_seed else seeds for r in names}
     jobs = [make_job(args, recipes, r, s, steps) for s in seeds for r in names if s in seeds_of[r]]
-    equal_tokens = run_all(jobs, cores)
+    equal_tokens = run_all(jobs, cores, train)
     step_s = {r: statistics.median(x["median_step_s"] for x in equal_tokens if x["recipe"] == r) for r in names}
     if args.timing_steps and len(cores) == 2 and not args.no_equal_time:
         step_s = paired_step_times(args, recipes, names, cores, step_s[base])
@@ -228,7 +206,7 @@ def main():
         print(f"equal wall-clock: {', '.join(f'{r} {budget_steps[r]} steps' for r in timed) or 'no recipe differs by >1%'}",
               flush=True)
         equal_time = run_all([make_job(args, recipes, r, s, budget_steps[r]) for s in seeds for r in timed
-                              if s in seeds_of[r]], cores)
+                              if s in seeds_of[r]], cores, train)
         equal_time += [x for x in equal_tokens if x["recipe"] not in timed]
 
     rows = summarize(names, seeds_of, equal_tokens, equal_time, step_s, base)

@@ -29,20 +29,20 @@ repeated. Prints a table and writes bench/results/sft_recipe.json.
 import argparse
 import json
 import math
-import os
 import random
 import re
-import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from nanokor.atomic import atomic_write
+from pinned import cached, run_all, run_pinned, save
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ["--n_layer=4", "--d_model=128", "--n_head=4", "--d_ff=384", "--block_size=256", "--batch_size=16",
          "--grad_accum=1", "--device=cpu", "--dtype=fp32", "--compile=false", "--dropout=0", "--keep_best=0",
-         "--wandb_mode=disabled"]
+         "--wandb_mode=disabled",
+         "--qk_norm=false", "--beta1=0.9", "--eps=1e-8"]  # the defaults before recipe v2, as measured (README)
 # nanokor's default recipe (bench/recipe_quality.py's "muon"): the head's Noam peak 0.679 / sqrt(128 * 50) =
 # 8.5e-3, Muon 0.02, the embedding 0.2.
 PRETRAIN = ["--optimizer=muon", "--schedule=noam", "--warmup_steps=50", "--lr_factor=0.679", "--cooldown_frac=0.4",
@@ -117,16 +117,8 @@ def build_sft_set(corpus: Path, work: Path, n_train: int, seed: int) -> tuple[Pa
     work.mkdir(parents=True, exist_ok=True)
     for path, convs in ((train_file, conversations(train_docs, n_train, rng, 2)),
                         (val_file, conversations(val_docs, 10 ** 6, rng, 4))):
-        path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs), encoding="utf-8")
+        atomic_write(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs).encode())
     return train_file, val_file
-
-
-def run(cmd: list[str], core: str | None = None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = (["taskset", "-c", core] if core and core != "any" else []) + cmd
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 def final_eval(out: Path) -> dict:
@@ -149,31 +141,16 @@ def sft_job(args, scale: float, epochs: int, rows: int, chat_dir: Path, base: Pa
 
 
 def train(job: dict, core: str) -> dict:
-    out, done = job["dir"], job["dir"] / "result.json"
-    if done.is_file() and json.loads(done.read_text())["flags"] == job["flags"]:
-        return json.loads(done.read_text())
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out = job["dir"]
+    if (result := cached(out, job["flags"])) is not None:
+        return result
     t0 = time.time()
-    run([sys.executable, "train.py", *job["flags"], f"--out_dir={out}"], core)
+    run_pinned([sys.executable, "train.py", *job["flags"], f"--out_dir={out}"], core)
     result = {**{k: v for k, v in job.items() if k != "dir"}, **final_eval(out), "wall_seconds": time.time() - t0}
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    save(out, result)
     print(f"  x{job['scale']:<5g} {job['epochs']} epoch(s), {job['steps']} steps: held-out loss {result['val_loss']:.4f}, "
           f"bpb {result['val_bpb']:.4f}", flush=True)
     return result
-
-
-def run_all(jobs: list[dict], cores: list[str]) -> list[dict]:
-    free = list(cores)
-
-    def work(job):
-        core = free.pop(0)
-        try:
-            return train(job, core)
-        finally:
-            free.append(core)
-
-    with ThreadPoolExecutor(len(cores)) as pool:
-        return list(pool.map(work, jobs))
 
 
 def score_base(base: Path, chat_dir: Path) -> dict:
@@ -202,25 +179,23 @@ def main():
     work, cores = REPO / args.work, args.cores.split(",")
     base_data, base_dir = REPO / "data/bench-sft", work / "base"
     if not (base_data / "meta.json").is_file():
-        run([sys.executable, "prepare.py", "--data-files", str(corpus / "train-*.parquet"), "--val-files",
-             str(corpus / "validation-*.parquet"), "--vocab-size", str(VOCAB), "--out", str(base_data)])
+        run_pinned([sys.executable, "prepare.py", "--data-files", str(corpus / "train-*.parquet"), "--val-files",
+                    str(corpus / "validation-*.parquet"), "--vocab-size", str(VOCAB), "--out", str(base_data)])
     base_steps = round(args.base_tokens / (16 * 256))
     base_flags = [*SHAPE, *PRETRAIN, f"--data_dir={base_data}", f"--seed={args.seed}", f"--max_steps={base_steps}",
                   f"--eval_interval={base_steps}"]
-    done = base_dir / "result.json"
-    if not done.is_file() or json.loads(done.read_text())["flags"] != base_flags:
+    if (pretrained := cached(base_dir, base_flags)) is None:
         print(f"base model: {base_steps} steps of 4,096 tokens on {base_data.name}", flush=True)
-        subprocess.run(["rm", "-rf", str(base_dir)], check=True)
-        run([sys.executable, "train.py", *base_flags, f"--out_dir={base_dir}"], cores[0])
-        done.write_text(json.dumps({"flags": base_flags, **final_eval(base_dir)}, indent=2) + "\n")
+        run_pinned([sys.executable, "train.py", *base_flags, f"--out_dir={base_dir}"], cores[0])
+        save(base_dir, pretrained := {"flags": base_flags, **final_eval(base_dir)})
     base = base_dir / "last.pt"
-    print(f"base model: held-out text {json.loads(done.read_text())['val_bpb']:.4f} bits per byte", flush=True)
+    print(f"base model: held-out text {pretrained['val_bpb']:.4f} bits per byte", flush=True)
 
     train_file, val_file = build_sft_set(corpus, work, args.train_conversations, args.seed)
     chat_dir = work / "sft-chat"
     if not (chat_dir / "meta.json").is_file():
-        run([sys.executable, "prepare.py", "--chat", "--data-files", str(train_file), "--val-files", str(val_file),
-             "--tokenizer", str(base_data / "tokenizer.model"), "--context", "256", "--out", str(chat_dir)])
+        run_pinned([sys.executable, "prepare.py", "--chat", "--data-files", str(train_file), "--val-files", str(val_file),
+                    "--tokenizer", str(base_data / "tokenizer.model"), "--context", "256", "--out", str(chat_dir)])
     meta = json.loads((chat_dir / "meta.json").read_text())
     rows = rows_per_epoch(chat_dir)
     print(f"SFT set (synthetic, from the corpus's text): {meta['splits']['train']['conversations']} train / "
@@ -231,15 +206,15 @@ def main():
     scales = [float(s) for s in args.scales.split(",")]
     epochs = [int(e) for e in args.epochs.split(",")]
     jobs = [sft_job(args, s, e, rows, chat_dir, base) for e in epochs for s in scales]
-    results = run_all(jobs, cores)
+    results = run_all(jobs, cores, train)
     print_table(base_score, results, scales, epochs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": SHAPE, "pretrain": PRETRAIN, "base_tokens": args.base_tokens,
-                               "peaks": {"head": HEAD_PEAK, "muon": MUON_PEAK, "embed": EMBED_PEAK},
-                               "sft_set": {"synthetic": True, "tasks": TASKS, "splits": meta["splits"],
-                                           "rows_per_epoch": rows},
-                               "base": base_score, "runs": results}, indent=2) + "\n")
+    atomic_write(out, json.dumps({"shape": SHAPE, "pretrain": PRETRAIN, "base_tokens": args.base_tokens,
+                                  "peaks": {"head": HEAD_PEAK, "muon": MUON_PEAK, "embed": EMBED_PEAK},
+                                  "sft_set": {"synthetic": True, "tasks": TASKS, "splits": meta["splits"],
+                                              "rows_per_epoch": rows},
+                                  "base": base_score, "runs": results}, indent=2).encode() + b"\n")
     print(f"wrote {out}")
 
 
