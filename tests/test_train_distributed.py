@@ -1,6 +1,6 @@
 """train.py under torchrun with two gloo processes, against a single process on the same global batch:
 plain DDP with AdamW and with Muon (partitioned), FSDP2 with Muon (saved, resumed exactly, resumed by one
-process) and its gradients, DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then resumed),
+process), its gradients and NorMuon's sharded row state through a checkpoint, DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then resumed),
 and ZeRO-3 (parameters partitioned) against ZeRO-2 on the same steps."""
 
 import json
@@ -217,6 +217,43 @@ def _check_fsdp_gradients(rank: int, world: int, dtype: str):
             assert (got[name] - p.grad).abs().max() <= 2e-6 * p.grad.abs().max(), name
         else:  # bf16 weights and activations: ~1% of the gradient
             assert (got[name] - p.grad).norm() <= 0.05 * p.grad.norm(), name
+
+
+def _fsdp_row_state_worker(rank: int, world: int, store: str, ckpt: str):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        cfg = load_config(["--device=cpu", "--n_layer=1", "--n_head=2", "--d_model=32", "--d_ff=64", "--block_size=8",
+                           "--normuon_beta2=0.9", "--muon_cautious_wd=true"])
+        env = Env(rank, rank, world, torch.device("cpu"))
+        engines = [FSDPEngine(Transformer(model_config(cfg, 64)), cfg, env) for _ in range(2)]
+        x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(rank))
+        engines[0].backward(engines[0].model(x[:, :-1], x[:, 1:], loss_only=True)[1])
+        engines[0].step(1)
+        muon = engines[0].optimizer.optimizers["muon"]
+        rows = {n: muon.state[p]["normuon_buffer"] for n, p in engines[0].module.named_parameters() if p in muon.state}
+        assert rows and all(isinstance(v, DTensor) and v.to_local().abs().sum() > 0 for v in rows.values())
+        dcp.save(engines[0]._state_dict(), checkpoint_id=ckpt)
+        sd = engines[1]._state_dict()  # a fresh engine, as a resume builds it
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_state_dict(engines[1].module, engines[1]._optimizers(), model_state_dict=sd["model"],
+                       optim_state_dict=sd["optimizer"])
+        loaded = engines[1].optimizer.optimizers["muon"]
+        for n, p in engines[1].module.named_parameters():
+            if n in rows:
+                assert torch.equal(loaded.state[p]["normuon_buffer"].full_tensor(), rows[n].full_tensor()), n
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_checkpoints_carry_normuons_row_state(tmp_path):
+    """NorMuon's per-row second moment lives sharded with its matrix's rows (a DTensor), so DCP saves it
+    with the momentum and a resume gets it back."""
+    mp.start_processes(_fsdp_row_state_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "ckpt")), nprocs=2,
+                       start_method="fork")
 
 
 @pytest.mark.parametrize("world", [2])
