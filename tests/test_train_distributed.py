@@ -1,7 +1,8 @@
 """train.py under torchrun with two gloo processes, against a single process on the same global batch:
 plain DDP with AdamW and with Muon (partitioned), FSDP2 with Muon (saved, resumed exactly, resumed by one
-process), its gradients and NorMuon's sharded row state through a checkpoint, DeepSpeed ZeRO-2 with the optimizer offloaded to CPU (saved, then resumed),
-and ZeRO-3 (parameters partitioned) against ZeRO-2 on the same steps."""
+process), its gradients and NorMuon's sharded row state through a checkpoint, DeepSpeed ZeRO-2 with the
+optimizer offloaded to CPU (saved, then resumed), and ZeRO-3 (parameters partitioned) against ZeRO-2 on
+the same steps."""
 
 import json
 import os
