@@ -10,7 +10,8 @@ step is:
        every rank, so a checkpoint has torch.optim.Muon's layout and resumes at any world size);
     2. each owner orthogonalizes its matrices' Nesterov updates (`newton_schulz`, or any function
        passed as `orthogonalize`);
-    3. one collective shares the orthogonalized updates, and every rank applies every update.
+    3. one collective shares the orthogonalized updates, and every rank applies every update (NorMuon's
+       row normalization and cautious weight decay, when asked for, are part of this elementwise step).
 
 Parameters come in two kinds, and the collective follows:
   - whole tensors (one process, or DDP after its all-reduce): owners write their updates into one flat

@@ -178,7 +178,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> Optimizers:
 def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     """torch.optim.Muon's step (Nesterov momentum, five Newton-Schulz steps, and the shape scaling
     sqrt(max(1, rows/cols)) of Keller Jordan's original), its Newton-Schulz work partitioned across the
-    ranks of DDP or FSDP2 (nanokor/muon.py)."""
+    ranks of DDP or FSDP2 (nanokor/muon.py); with the config's optional variants (muon_ns, normuon_beta2,
+    muon_cautious_wd), measured and left off by recipe v2."""
     dtype = ns_dtype(cfg.muon_ns_dtype, groups[0]["params"][0].device)
     orthogonalize = {"jordan": newton_schulz, "polar_express": polar_express}[cfg.muon_ns]
     return Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
