@@ -48,17 +48,7 @@ def newton_schulz(update: torch.Tensor, group: dict, dtype: torch.dtype = torch.
     on the wide orientation, after scaling to unit Frobenius norm; X <- aX + (bA + cA^2)X with A = XX^T.
     Its result has the input's shape, singular values in ~[0.7, 1.2] and the input's singular vectors.
     (`dtype` fp32 is for CPUs without bf16 matmul units, which emulate bf16 slowly: optim.ns_dtype.)"""
-    a, b, c = group["ns_coefficients"]
-    x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=group["eps"])  # not in place: update may already be a bf16 buffer
-    for _ in range(group["ns_steps"]):
-        gram = x @ x.T
-        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, gram_update, x, beta=a)
-    return x.T if tall else x
+    return _odd_quintics(update, [group["ns_coefficients"]] * group["ns_steps"], 1.0, group["eps"], dtype)
 
 
 # Polar Express (Amsel, Persson, Musco & Gower, 2025, arXiv:2505.16932): five iterations of the same quintic
@@ -73,15 +63,22 @@ POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def polar_express(update: torch.Tensor, group: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """newton_schulz's iteration with Polar Express's per-step coefficients (group's ns_* keys unused)."""
+    """newton_schulz's iteration with Polar Express's per-step coefficients (group's ns_coefficients and
+    ns_steps unused)."""
+    return _odd_quintics(update, POLAR_EXPRESS, 1.02, group["eps"], dtype)
+
+
+def _odd_quintics(update: torch.Tensor, coefficients, safety: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """X scaled to Frobenius norm 1/safety, then X <- aX + (bA + cA^2)X, A = XX^T, for each (a, b, c)."""
     x = update.to(dtype)
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T
-    x = x / (x.norm() * 1.02 + 1e-6)
-    for a, b, c in POLAR_EXPRESS:
+    x = x / (x.norm() * safety).clamp(min=eps)  # not in place: update may already be a bf16 buffer
+    for a, b, c in coefficients:
         gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, gram_update, x, beta=a)
     return x.T if tall else x
 
 
