@@ -296,6 +296,8 @@ def muon_figures(work: Path, name: str) -> tuple[dict, str | None, str]:
                     "one-process step ms, torch.optim.Muon": round(1e3 * step["torch"], 2),
                     f"weights after {check['steps']} steps differ by (max)": check["max_weight_difference"],
                     "weights moved by (max)": float(f"{check['max_weight_change']:.3g}")}
+        figures |= {f"one-process step, {name.split('+')[1]} / plain": round(step[name] / step["nanokor"], 3)
+                    for name in step if name.startswith("nanokor+")}  # the optional variants' cost
         # Within bf16 rounding of the updates: a half-ulp of bf16 (2^-9) on each update, twice over.
         if not check["max_weight_difference"] <= 2 ** -8 * check["max_weight_change"]:
             problem = (f"nanokor's Muon differs from torch.optim.Muon by {check['max_weight_difference']:.3g} "

@@ -40,7 +40,8 @@
 #   muon-scaling   40  the partitioned Muon optimizer (bench/muon_scaling.py): bf16 Newton-Schulz per
 #                      base.py matrix and forward + backward per token on this GPU, Muon's share of a
 #                      rank's step at 1-64 ranks replicated vs partitioned; nanokor's Muon stepped against
-#                      torch.optim.Muon over base.py's 84 matrices (step times, weights equal)
+#                      torch.optim.Muon over base.py's 84 matrices (step times, weights equal), and the
+#                      step time of the optional variants (Polar Express, NorMuon, cautious decay)
 #   train-ddp-1rank 45 DDP with 1 rank: the same eager run under torchrun with the default engine, so
 #                      train-fsdp2's step time and losses have their reference in this run
 #   profile      rest  where a compiled base step's time goes, 32k vocabulary (bench/step_profile.py)

@@ -51,7 +51,7 @@ import torch.multiprocessing as mp
 from nanokor.atomic import atomic_write
 from nanokor.config import load_config
 from nanokor.model import ModelConfig, Transformer
-from nanokor.muon import EXCHANGE_DTYPE, Muon, newton_schulz, newton_schulz_cost, partition
+from nanokor.muon import EXCHANGE_DTYPE, Muon, newton_schulz, newton_schulz_cost, partition, polar_express
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP = {"ns_coefficients": (3.4445, -4.7750, 2.0315), "ns_steps": 5, "eps": 1e-7}  # torch.optim.Muon's
@@ -199,12 +199,16 @@ def _real_worker(rank: int, world: int, store: str, shapes, rounds: int, ns_dtyp
 
 def against_torch(shapes, steps: int, device: str) -> dict:
     """nanokor's Muon (one rank: its owner assignment and exchange buffer, no collective) and
-    torch.optim.Muon from the same weights over the same gradients, steps interleaved."""
+    torch.optim.Muon from the same weights over the same gradients, steps interleaved; and the cost of
+    nanokor's optional variants (config keys muon_ns, normuon_beta2, muon_cautious_wd) on the same steps."""
     g = torch.Generator(device).manual_seed(0)
     start = [torch.randn(s, generator=g, device=device) for s in shapes]
-    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in ("nanokor", "torch")}
-    optimizers = {"nanokor": Muon(params["nanokor"], lr=0.02, weight_decay=0.1, adjust_lr_fn="original"),
-                  "torch": torch.optim.Muon(params["torch"], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")}
+    variants = {"nanokor": {}, "nanokor+polar_express": {"orthogonalize": polar_express},
+                "nanokor+normuon": {"normuon_beta2": 0.95}, "nanokor+cautious_wd": {"cautious_wd": True}}
+    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in (*variants, "torch")}
+    optimizers = {name: Muon(params[name], lr=0.02, weight_decay=0.1, adjust_lr_fn="original", **kwargs)
+                  for name, kwargs in variants.items()}
+    optimizers["torch"] = torch.optim.Muon(params["torch"], lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
     times = {name: [] for name in optimizers}
     for _ in range(steps):
         grads = [torch.randn(s, generator=g, device=device) for s in shapes]
@@ -217,7 +221,8 @@ def against_torch(shapes, steps: int, device: str) -> dict:
     step_s = {name: statistics.median(t[1:] or t) for name, t in times.items()}  # the first step allocates
     print(f"  one process, {len(shapes)} matrices, {steps} steps: nanokor's Muon {step_s['nanokor'] * 1e3:.1f} ms a "
           f"step, torch.optim.Muon {step_s['torch'] * 1e3:.1f} ms; weights differ by at most {differ:.3g} "
-          f"(they moved by up to {moved:.3g})")
+          f"(they moved by up to {moved:.3g}); the variants " +
+          ", ".join(f"{n.split('+')[1]} {step_s[n] / step_s['nanokor']:.2f}x" for n in list(variants)[1:]))
     return {"matrices": len(shapes), "steps": steps, "step_s": step_s, "times": times,
             "max_weight_difference": differ, "max_weight_change": moved}
 

@@ -80,6 +80,7 @@ def test_dry_run_stages_measure_what_the_gpu_run_will(dry_run):
     muon = stages["muon-scaling"]["figures"]  # the partitioned optimizer with one rank is torch.optim.Muon
     assert muon["weights after 4 steps differ by (max)"] <= 2 ** -8 * muon["weights moved by (max)"]
     assert muon["one-process step ms, nanokor's Muon"] > 0 and muon["one-process step ms, torch.optim.Muon"] > 0
+    assert all(muon[f"one-process step, {v} / plain"] > 0 for v in ("polar_express", "normuon", "cautious_wd"))
     replicated, partitioned = (float(v.rstrip("%")) for v in
                                muon["Muon's share at 64 ranks, replicated / partitioned"].split(" / "))
     assert partitioned < replicated
